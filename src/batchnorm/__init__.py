@@ -1,0 +1,22 @@
+"""batchnorm: exact batch normalization for NumPy, as the darknet seed describes it.
+
+>>> import numpy as np, batchnorm as bn
+>>> x = np.random.default_rng(0).normal(3.0, 2.0, size=(16, 4)).astype(np.float32)
+>>> y, cache = bn.functional.forward_train(x, None, None)
+>>> np.allclose(y.mean(axis=0), 0, atol=1e-6)
+True
+"""
+
+from batchnorm import functional
+from batchnorm.functional import NonFiniteStatisticsError
+from batchnorm.layer import PRESETS, BatchNorm
+from batchnorm.moments import Moments
+
+__all__ = [
+    "PRESETS",
+    "BatchNorm",
+    "Moments",
+    "NonFiniteStatisticsError",
+    "functional",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,140 @@
+"""Input checks shared by the functional API and the layer: one message style everywhere.
+
+Every error names the parameter, what was expected, what was received and a fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+EPS_PLACEMENTS = ("inside", "outside")
+RUNNING_VAR_KINDS = ("unbiased", "biased")
+ON_NONFINITE = ("raise", "skip")
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """True for float16/32/64 (and longdouble) and for ml_dtypes' bfloat16."""
+    return bool(np.issubdtype(dtype, np.floating)) or dtype.name == "bfloat16"
+
+
+def as_float_array(value: Any, name: str) -> np.ndarray:
+    """Return ``value`` as an ndarray of a floating dtype, or raise ``TypeError``."""
+    if value is None:
+        raise TypeError(f"{name} must be an array of floats; got None.")
+    arr = np.asarray(value)
+    if not is_float_dtype(arr.dtype):
+        hint = (
+            f" Cast it first, for example {name}.astype(np.float32)."
+            if arr.dtype.kind in "biu"
+            else " Only real floating-point data can be normalized."
+        )
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64); got dtype {arr.dtype}.{hint}"
+        )
+    return arr
+
+
+def check_input(x: Any, axis: int) -> tuple[np.ndarray, int]:
+    """Validate the data array and the channel axis; return (x, axis >= 0)."""
+    x = as_float_array(x, "x")
+    if x.ndim < 2:
+        raise ValueError(
+            f"x must have at least 2 dimensions (N, C, ...); got shape {x.shape}. "
+            "For one feature vector use x[None, :]; for a batch of scalars use "
+            "x[:, None]."
+        )
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"axis must be an int; got {type(axis).__name__}.")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(
+            f"axis must be in [{-x.ndim}, {x.ndim - 1}] for x of shape {x.shape}; "
+            f"got axis={axis}. Use axis=1 for (N, C, ...) or axis=-1 for "
+            "channels-last."
+        )
+    axis = int(axis) % x.ndim
+    if axis == 0:
+        raise ValueError(
+            f"axis=0 would make the batch axis the channel axis (x shape "
+            f"{x.shape}); the statistics need the batch axis 0 to reduce over. "
+            "Move the batch to axis 0, e.g. np.moveaxis(x, k, 0)."
+        )
+    return x, axis
+
+
+def check_channel_vector(
+    value: Any, name: str, num_channels: int, *, optional: bool = False
+) -> np.ndarray | None:
+    """Validate a per-channel vector of shape (C,)."""
+    if value is None:
+        if optional:
+            return None
+        raise TypeError(f"{name} must be an array of shape ({num_channels},); got None.")
+    arr = as_float_array(value, name)
+    if arr.shape != (num_channels,):
+        raise ValueError(
+            f"{name} must have shape ({num_channels},), one value per channel of x; "
+            f"got shape {arr.shape}. Check the channel axis (axis=) and the layer "
+            "size."
+        )
+    return arr
+
+
+def require_channel_vector(value: Any, name: str, num_channels: int) -> np.ndarray:
+    """Like :func:`check_channel_vector` for a vector that may not be None."""
+    arr = check_channel_vector(value, name, num_channels)
+    if arr is None:  # unreachable: check_channel_vector raises on None
+        raise TypeError(f"{name} must not be None.")
+    return arr
+
+
+def check_eps(eps: Any) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, int | float | np.floating):
+        raise TypeError(f"eps must be a non-negative float; got {type(eps).__name__}.")
+    eps = float(eps)
+    if not (np.isfinite(eps) and eps >= 0.0):
+        raise ValueError(
+            f"eps must be a finite float >= 0; got {eps}. The seed uses 1e-6."
+        )
+    return eps
+
+
+def check_momentum(momentum: Any) -> float | None:
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(
+        momentum, int | float | np.floating
+    ):
+        raise TypeError(
+            f"momentum must be a float in [0, 1] or None; got "
+            f"{type(momentum).__name__}."
+        )
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:
+        hint = ""
+        if momentum > 1.0:
+            hint = " It is a weight, not a percentage."
+        raise ValueError(
+            f"momentum must be in [0, 1] (the weight on the OLD running value; "
+            f"0.99 is the seed's choice, PyTorch's momentum=0.1 is our 0.9) or None "
+            f"for exact cumulative statistics; got {momentum}.{hint}"
+        )
+    return momentum
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {listed}; got {value!r}.")
+    return str(value)
+
+
+def check_ddof(ddof: Any) -> int:
+    if isinstance(ddof, bool) or ddof not in (0, 1):
+        raise ValueError(
+            f"ddof must be 0 (biased variance, the seed) or 1 (darknet's m-1); "
+            f"got {ddof!r}."
+        )
+    return int(ddof)

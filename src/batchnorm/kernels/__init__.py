@@ -1,0 +1,1 @@
+"""Kernels: pure array math, no validation and no state (reference NumPy; fast Numba)."""

@@ -1,0 +1,122 @@
+"""Reference kernels in NumPy: the seed's math on validated arrays, computed in float64.
+
+These functions hold no state and check nothing: :mod:`batchnorm.functional`
+validates, chooses dtypes and calls them. Every channel axis and every stride works
+through broadcasting, so there is one code path for all layouts.
+
+Derivation of the training-mode gradient
+-----------------------------------------
+Per channel, with ``m`` values ``x_i``, the forward pass computes
+
+    μ = Σ x_i / m,   v = Σ (x_i − μ)² / (m − ddof),   s = f(v),
+    x̂_i = (x_i − μ) · s,   y_i = γ x̂_i + β,
+
+with ``f(v) = (v + ε)^(−1/2)`` (ε inside the root: the seed, PyTorch, Keras, ONNX)
+or ``f(v) = 1 / (√v + ε)`` (ε outside: darknet's CPU code), and ``ddof`` 0 (the
+seed) or 1 (darknet). With ``g_i = ∂L/∂y_i`` the chain rule over the three paths
+of the seed (direct, through μ, through v) gives
+
+    ∂L/∂x_i = γ s [ g_i − Σg/m + k · x̂_i · Σ(g x̂) ],
+    k = 2 f'(v) / (s³ (m − ddof)).
+
+For ε inside, ``f' = −s³/2`` and ``k = −1/(m − ddof)``; with ``ddof = 0`` this is the
+familiar ``dx = γ s (g − mean(g) − x̂ · mean(g x̂))``. For ε outside,
+``f' = −s²/(2√v)`` and ``k = −(1 + ε/√v)/(m − ddof)``; at ``v = 0`` every ``x̂_i`` is
+zero, the term vanishes and we take ``k = 0`` (√v has no derivative there).
+The seed's remark that ``Σ(x_i − μ) = 0`` is what removes the second part of
+``∂v/∂x_i``. The parameter gradients are ``∂L/∂γ = Σ g x̂`` and ``∂L/∂β = Σ g``.
+
+In eval mode μ and v are constants (the running statistics), so
+``∂L/∂x_i = γ s g_i`` and the parameter gradients keep their form.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from batchnorm._layout import channel_shape, reduce_axes
+
+
+def _per_channel(vec: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    return vec.reshape(channel_shape(ndim, axis, vec.shape[0]))
+
+
+def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Two-pass ``(count, mean, M2)`` per channel, in float64."""
+    num_channels = x.shape[axis]
+    count = x.size // num_channels if num_channels else 0
+    if count == 0:
+        zeros = np.zeros(num_channels, dtype=np.float64)
+        return 0, zeros, zeros.copy()
+    axes = reduce_axes(x.ndim, axis)
+    x64 = np.asarray(x, dtype=np.float64)
+    mean = x64.mean(axis=axes)
+    centered = x64 - _per_channel(mean, x.ndim, axis)
+    m2 = np.square(centered, out=centered).sum(axis=axes)
+    return int(count), mean, m2
+
+
+def normalize(
+    x: np.ndarray,
+    axis: int,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray | None,
+    out_dtype: np.dtype,
+) -> np.ndarray:
+    """``y = (x − mean) · scale + shift`` per channel; the subtraction comes first.
+
+    Subtracting the mean before scaling keeps float32 exact for large means, where
+    the folded ``x·a + (β − mean·a)`` loses whole digits to cancellation.
+    """
+    y = np.asarray(x, dtype=np.float64) - _per_channel(mean, x.ndim, axis)
+    y *= _per_channel(scale, x.ndim, axis)
+    if shift is not None:
+        y += _per_channel(np.asarray(shift, dtype=np.float64), x.ndim, axis)
+    return y.astype(out_dtype, copy=False)
+
+
+def param_grads(
+    dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray, inv_std: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return ``(x̂, Σ dy·x̂, Σ dy)`` per channel, all float64."""
+    axes = reduce_axes(x.ndim, axis)
+    x_hat = np.asarray(x, dtype=np.float64) - _per_channel(mean, x.ndim, axis)
+    x_hat *= _per_channel(inv_std, x.ndim, axis)
+    dy64 = np.asarray(dy, dtype=np.float64)
+    return x_hat, (dy64 * x_hat).sum(axis=axes), dy64.sum(axis=axes)
+
+
+def backward_train(
+    dy: np.ndarray,
+    x: np.ndarray,
+    axis: int,
+    mean: np.ndarray,
+    inv_std: np.ndarray,
+    gamma: np.ndarray | None,
+    k: np.ndarray,
+    count: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact training-mode gradient (see the module docstring for ``k``)."""
+    x_hat, dgamma, dbeta = param_grads(dy, x, axis, mean, inv_std)
+    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
+    dx = x_hat * _per_channel(k * dgamma, x.ndim, axis)
+    dx += np.asarray(dy, dtype=np.float64)
+    dx -= _per_channel(dbeta / count, x.ndim, axis)
+    dx *= _per_channel(gain, x.ndim, axis)
+    return dx.astype(x.dtype, copy=False), dgamma, dbeta
+
+
+def backward_eval(
+    dy: np.ndarray,
+    x: np.ndarray,
+    axis: int,
+    mean: np.ndarray,
+    inv_std: np.ndarray,
+    gamma: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact gradient when the statistics are constants (eval mode)."""
+    _, dgamma, dbeta = param_grads(dy, x, axis, mean, inv_std)
+    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
+    dx = np.asarray(dy, dtype=np.float64) * _per_channel(gain, x.ndim, axis)
+    return dx.astype(x.dtype, copy=False), dgamma, dbeta

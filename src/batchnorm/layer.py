@@ -1,0 +1,427 @@
+"""The BatchNorm layer: state only (γ, β, running statistics, mode, the last cache).
+
+All math is delegated to :mod:`batchnorm.functional`; the layer owns no optimizer,
+no file format and no communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from batchnorm import functional as F
+from batchnorm._validation import (
+    EPS_PLACEMENTS,
+    ON_NONFINITE,
+    RUNNING_VAR_KINDS,
+    check_choice,
+    check_ddof,
+    check_eps,
+    check_input,
+    check_momentum,
+)
+from batchnorm.moments import Moments
+
+#: Conventions of other systems, expressed in ours (momentum on the OLD value).
+PRESETS: dict[str, dict[str, Any]] = {
+    # darknet's CPU code: (x - μ)/(√var + 1e-6) with var over m - 1, rolling
+    # statistics allocated with calloc (start at 0), rolling = .99 old + .01 new.
+    "darknet": {
+        "eps": 1e-6,
+        "eps_placement": "outside",
+        "ddof": 1,
+        "momentum": 0.99,
+        "running_var_kind": "unbiased",
+        "initial_running_var": 0.0,
+    },
+    # torch.nn.BatchNorm*d: momentum=0.1 on the NEW value, eps=1e-5, unbiased.
+    "torch": {"eps": 1e-5, "momentum": 0.9, "running_var_kind": "unbiased"},
+    # keras.layers.BatchNormalization: momentum=0.99 on the old value, eps=1e-3,
+    # moving variance from the biased batch variance.
+    "keras": {"eps": 1e-3, "momentum": 0.99, "running_var_kind": "biased"},
+    # ONNX BatchNormalization (training mode): momentum 0.9, eps 1e-5, biased.
+    "onnx": {"eps": 1e-5, "momentum": 0.9, "running_var_kind": "biased"},
+}
+
+_STATE_KEYS = (
+    "gamma",
+    "beta",
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+    "num_values_seen",
+)
+
+
+class BatchNorm:
+    """Batch normalization over the channel ``axis`` of inputs of any rank.
+
+    ``y = γ (x − μ) / √(σ² + ε) + β``, with μ and the biased σ² taken per channel
+    over every other axis of the batch in training, and the running statistics in
+    eval mode. ``run ← momentum · run + (1 − momentum) · batch``.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    axis : int, default 1
+        Channel axis of the input; ``-1`` for channels-last.
+    eps : float, default 1e-6
+    momentum : float in [0, 1] or None, default 0.99
+        Weight on the OLD running value (PyTorch's 0.1 is our 0.9). ``None``: exact
+        cumulative statistics of every value seen.
+    running_var_kind : {"unbiased", "biased"}
+    affine : bool, default True
+        Learn γ and β; when False they are ``None`` (γ = 1, β = 0).
+    eps_placement : {"inside", "outside"}
+    ddof : {0, 1}
+        Normalizing variance; see :func:`batchnorm.functional.forward_train`.
+    on_nonfinite : {"raise", "skip"}
+        What a batch with NaN/inf statistics does; running stats never take them.
+    initial_running_mean, initial_running_var : float, default 0 and 1
+    dtype : numpy dtype, default float32
+        Dtype of γ, β and the running statistics.
+    backend : {"numpy", "numba"} or None
+
+    Attributes
+    ----------
+    gamma, beta : ndarray, shape (C,), or None
+    running_mean, running_var : ndarray, shape (C,)
+    num_batches_tracked, num_values_seen : int
+    use_batch_stats, update_running_stats : bool
+        The mode; :meth:`train`, :meth:`eval` and :meth:`freeze` set both.
+    grad_gamma, grad_beta : ndarray or None
+        Set by :meth:`backward`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> layer = BatchNorm(3, backend="numpy")
+    >>> x = np.random.default_rng(0).normal(5.0, 2.0, (8, 3, 4, 4)).astype(np.float32)
+    >>> y = layer(x)
+    >>> bool(abs(y.mean()) < 1e-6), layer.num_batches_tracked
+    (True, 1)
+    >>> dx = layer.backward(np.ones_like(y))
+    >>> layer.eval(); y_test = layer(x)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        axis: int = 1,
+        eps: float = 1e-6,
+        momentum: float | None = 0.99,
+        running_var_kind: str = "unbiased",
+        affine: bool = True,
+        eps_placement: str = "inside",
+        ddof: int = 0,
+        on_nonfinite: str = "raise",
+        initial_running_mean: float = 0.0,
+        initial_running_var: float = 1.0,
+        dtype: Any = np.float32,
+        backend: str | None = None,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(
+            num_features, int | np.integer
+        ):
+            raise TypeError(
+                f"num_features must be an int (the number of channels C); got "
+                f"{type(num_features).__name__}."
+            )
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1; got {num_features}.")
+        if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+            raise TypeError(f"axis must be an int; got {type(axis).__name__}.")
+        if axis == 0:
+            raise ValueError(
+                "axis=0 is the batch axis; use axis=1 for (N, C, ...) or axis=-1 for "
+                "channels-last."
+            )
+        self.num_features = int(num_features)
+        self.axis = int(axis)
+        self.eps = check_eps(eps)
+        self.momentum = check_momentum(momentum)
+        self.running_var_kind = check_choice(
+            running_var_kind, "running_var_kind", RUNNING_VAR_KINDS
+        )
+        self.eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
+        self.ddof = check_ddof(ddof)
+        self.on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", ON_NONFINITE)
+        self.affine = bool(affine)
+        self.dtype = np.dtype(dtype)
+        if not np.issubdtype(self.dtype, np.floating):
+            raise TypeError(f"dtype must be a floating dtype; got {self.dtype}.")
+        self.backend = backend
+        self.initial_running_mean = float(initial_running_mean)
+        self.initial_running_var = float(initial_running_var)
+        c = self.num_features
+        self.gamma: np.ndarray | None = np.ones(c, self.dtype) if affine else None
+        self.beta: np.ndarray | None = np.zeros(c, self.dtype) if affine else None
+        self.grad_gamma: np.ndarray | None = None
+        self.grad_beta: np.ndarray | None = None
+        self.running_mean = np.empty(c, self.dtype)
+        self.running_var = np.empty(c, self.dtype)
+        self.num_batches_tracked = 0
+        self.num_values_seen = 0
+        self.reset_running_stats()
+        self.use_batch_stats = True
+        self.update_running_stats = True
+        self.trainable = True
+        self._cache: F.Cache | None = None
+        self._eval_input: np.ndarray | None = None
+
+    # -- construction ---------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, num_features: int, **overrides: Any) -> BatchNorm:
+        """A layer with another system's conventions, expressed in ours.
+
+        ``"darknet"``: ε = 1e-6 added to √var, variance over m − 1, running
+        statistics start at 0, momentum 0.99. ``"torch"``: momentum 0.9 (their 0.1),
+        ε = 1e-5. ``"keras"``: 0.99, ε = 1e-3, biased running variance. ``"onnx"``:
+        0.9, ε = 1e-5, biased running variance.
+
+        >>> BatchNorm.from_preset("torch", 4).momentum
+        0.9
+        """
+        if name not in PRESETS:
+            raise ValueError(
+                f"preset must be one of {', '.join(map(repr, PRESETS))}; got {name!r}."
+            )
+        return cls(num_features, **{**PRESETS[name], **overrides})
+
+    # -- modes ------------------------------------------------------------------
+    def train(self) -> BatchNorm:
+        """Normalize with batch statistics and update the running ones."""
+        self.use_batch_stats, self.update_running_stats, self.trainable = True, True, True
+        return self
+
+    def eval(self) -> BatchNorm:
+        """Normalize with the running statistics; update nothing."""
+        self.use_batch_stats, self.update_running_stats = False, False
+        return self
+
+    def freeze(self) -> BatchNorm:
+        """Eval mode and, in addition, γ and β are not trainable (no parameters).
+
+        For fine-tuning with small batches (detectron2's FrozenBatchNorm).
+        :meth:`train` undoes it.
+        """
+        self.eval()
+        self.trainable = False
+        return self
+
+    # -- forward / backward -------------------------------------------------------
+    def __call__(self, x: Any) -> np.ndarray:
+        return self.forward(x)
+
+    def forward(self, x: Any) -> np.ndarray:
+        """Normalize ``x`` according to the mode; see the class docstring."""
+        x, _ = check_input(x, self.axis)
+        self._check_channels(x)
+        if not (self.use_batch_stats or self.update_running_stats):
+            return self._forward_eval(x)
+        y, cache = F.forward_train(
+            x,
+            self.gamma,
+            self.beta,
+            axis=self.axis,
+            eps=self.eps,
+            eps_placement=self.eps_placement,
+            ddof=self.ddof,
+            backend=self.backend,
+        )
+        if self.update_running_stats:
+            self._absorb(cache.moments)
+        if self.use_batch_stats:
+            self._cache, self._eval_input = cache, None
+            return y
+        # update_running_stats without use_batch_stats: normalize with the
+        # freshly updated running statistics.
+        return self._forward_eval(cache.x)
+
+    def _forward_eval(self, x: Any) -> np.ndarray:
+        y = F.forward_eval(
+            x,
+            self.gamma,
+            self.beta,
+            self.running_mean,
+            self.running_var,
+            axis=self.axis,
+            eps=self.eps,
+            eps_placement=self.eps_placement,
+            backend=self.backend,
+        )
+        self._cache, self._eval_input = None, np.asarray(x)
+        return y
+
+    def _check_channels(self, x: np.ndarray) -> None:
+        if x.shape[self.axis] != self.num_features:
+            raise ValueError(
+                f"x has {x.shape[self.axis]} channels on axis {self.axis} (shape "
+                f"{x.shape}); this layer has num_features={self.num_features}."
+            )
+
+    def _absorb(self, moments: Moments) -> None:
+        """Fold one batch into the running statistics (all or nothing)."""
+        new_mean, new_var = F.update_running_stats(
+            self.running_mean,
+            self.running_var,
+            moments,
+            momentum=self.momentum,
+            running_var_kind=self.running_var_kind,
+            num_values_seen=self.num_values_seen,
+            on_nonfinite=self.on_nonfinite,
+        )
+        if np.isfinite(moments.mean).all() and np.isfinite(moments.m2).all():
+            self.running_mean, self.running_var = new_mean, new_var
+            self.num_batches_tracked += 1
+            self.num_values_seen += moments.count
+
+    def backward(self, dy: Any) -> np.ndarray:
+        """Gradient of the last forward pass; sets ``grad_gamma`` and ``grad_beta``.
+
+        Uses the training-mode gradient after a forward with batch statistics and
+        the eval-mode gradient after a forward with running statistics.
+
+        Raises
+        ------
+        RuntimeError
+            When no forward pass came first.
+        """
+        if self._cache is not None:
+            dx, dgamma, dbeta = F.backward(dy, self._cache, backend=self.backend)
+        elif self._eval_input is not None:
+            dx, dgamma, dbeta = F.backward_eval(
+                dy,
+                self._eval_input,
+                self.gamma,
+                self.running_mean,
+                self.running_var,
+                axis=self.axis,
+                eps=self.eps,
+                eps_placement=self.eps_placement,
+                backend=self.backend,
+            )
+        else:
+            raise RuntimeError(
+                "backward() called before forward(): run layer(x) first, then "
+                "layer.backward(dy) with dy shaped like the output."
+            )
+        if self.affine:
+            self.grad_gamma = dgamma.astype(self.dtype)
+            self.grad_beta = dbeta.astype(self.dtype)
+        return dx
+
+    def parameters(self) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+        """Yield ``(name, value, grad)`` for γ and β (none when frozen or not affine).
+
+        Optimizers update ``value`` in place.
+        """
+        if not (self.affine and self.trainable):
+            return
+        assert self.gamma is not None and self.beta is not None
+        yield "gamma", self.gamma, self.grad_gamma
+        yield "beta", self.beta, self.grad_beta
+
+    # -- state ------------------------------------------------------------------
+    def reset_running_stats(self) -> None:
+        """Running statistics back to their initial values; counters to 0."""
+        self.running_mean = np.full(
+            self.num_features, self.initial_running_mean, self.dtype
+        )
+        self.running_var = np.full(self.num_features, self.initial_running_var, self.dtype)
+        self.num_batches_tracked = 0
+        self.num_values_seen = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of γ, β (when affine), running statistics and counters."""
+        state: dict[str, Any] = {
+            "running_mean": self.running_mean.copy(),
+            "running_var": self.running_var.copy(),
+            "num_batches_tracked": self.num_batches_tracked,
+            "num_values_seen": self.num_values_seen,
+        }
+        if self.affine:
+            assert self.gamma is not None and self.beta is not None
+            state["gamma"] = self.gamma.copy()
+            state["beta"] = self.beta.copy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the state with ``state``; on any error the layer is unchanged.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Missing or unknown keys, wrong shapes, non-floating arrays, negative or
+            non-finite running variance, negative counters.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping; got {type(state).__name__}.")
+        expected = {k for k in _STATE_KEYS if self.affine or k not in ("gamma", "beta")}
+        missing = sorted(expected - set(state))
+        unknown = sorted(set(state) - expected)
+        if missing or unknown:
+            raise ValueError(
+                f"state_dict keys do not match this layer: missing {missing}, "
+                f"unknown {unknown}. Expected exactly {sorted(expected)}."
+            )
+        arrays: dict[str, np.ndarray] = {}
+        for key in ("gamma", "beta", "running_mean", "running_var"):
+            if key not in expected:
+                continue
+            value = np.asarray(state[key])
+            if not np.issubdtype(value.dtype, np.floating):
+                raise TypeError(
+                    f"state_dict[{key!r}] must be a floating array; got dtype "
+                    f"{value.dtype}."
+                )
+            if value.shape != (self.num_features,):
+                raise ValueError(
+                    f"state_dict[{key!r}] must have shape ({self.num_features},); got "
+                    f"{value.shape}."
+                )
+            arrays[key] = value.astype(self.dtype, copy=True)
+        if not np.isfinite(arrays["running_mean"]).all() or not (
+            np.isfinite(arrays["running_var"]).all()
+            and (arrays["running_var"] >= 0).all()
+        ):
+            raise ValueError(
+                "state_dict running statistics must be finite with running_var >= 0."
+            )
+        counters = {}
+        for key in ("num_batches_tracked", "num_values_seen"):
+            value = state[key]
+            value = value.item() if isinstance(value, np.ndarray) else value
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise TypeError(
+                    f"state_dict[{key!r}] must be an int; got {type(value).__name__}."
+                )
+            if value < 0:
+                raise ValueError(f"state_dict[{key!r}] must be >= 0; got {value}.")
+            counters[key] = int(value)
+        self.running_mean = arrays["running_mean"]
+        self.running_var = arrays["running_var"]
+        if self.affine:
+            self.gamma, self.beta = arrays["gamma"], arrays["beta"]
+        self.num_batches_tracked = counters["num_batches_tracked"]
+        self.num_values_seen = counters["num_values_seen"]
+        self._cache = self._eval_input = None
+
+    def __repr__(self) -> str:
+        mode = (
+            "train"
+            if self.use_batch_stats and self.update_running_stats
+            else "eval"
+            if not (self.use_batch_stats or self.update_running_stats)
+            else f"use_batch_stats={self.use_batch_stats}, "
+            f"update_running_stats={self.update_running_stats}"
+        )
+        return (
+            f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+            f"momentum={self.momentum}, running_var_kind={self.running_var_kind!r}, "
+            f"affine={self.affine}, mode={mode})"
+        )
