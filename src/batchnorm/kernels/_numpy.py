@@ -32,15 +32,38 @@ In eval mode μ and v are constants (the running statistics), so
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import numpy as np
 
 from batchnorm._layout import channel_shape, reduce_axes
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _quiet(func: _F) -> _F:
+    """NaN/inf in the data propagate to the result without NumPy warnings.
+
+    Non-finite input is the caller's to see in the output; the guard that matters,
+    keeping it out of the running statistics, is in ``update_running_stats``.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _per_channel(vec: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return vec.reshape(channel_shape(ndim, axis, vec.shape[0]))
 
 
+@_quiet
 def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Two-pass ``(count, mean, M2)`` per channel, in float64."""
     num_channels = x.shape[axis]
@@ -56,6 +79,7 @@ def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray
     return int(count), mean, m2
 
 
+@_quiet
 def normalize(
     x: np.ndarray,
     axis: int,
@@ -76,6 +100,7 @@ def normalize(
     return y.astype(out_dtype, copy=False)
 
 
+@_quiet
 def param_grads(
     dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray, inv_std: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,6 +112,7 @@ def param_grads(
     return x_hat, (dy64 * x_hat).sum(axis=axes), dy64.sum(axis=axes)
 
 
+@_quiet
 def backward_train(
     dy: np.ndarray,
     x: np.ndarray,
@@ -107,6 +133,7 @@ def backward_train(
     return dx.astype(x.dtype, copy=False), dgamma, dbeta
 
 
+@_quiet
 def backward_eval(
     dy: np.ndarray,
     x: np.ndarray,
