@@ -51,8 +51,9 @@ def forward_train(x, gamma, beta, axis=1, eps=1e-6, placement="inside", ddof=0):
     return from_channels(columns, x, axis), np.array(means), np.array(variances)
 
 
-def forward_eval(x, gamma, beta, running_mean, running_var, axis=1, eps=1e-6,
-                 placement="inside"):
+def forward_eval(
+    x, gamma, beta, running_mean, running_var, axis=1, eps=1e-6, placement="inside"
+):
     columns = []
     for c, values in enumerate(channels(x, axis)):
         g = 1.0 if gamma is None else float(gamma[c])
@@ -69,15 +70,16 @@ def backward_train(dy, x, gamma, axis=1, eps=1e-6):
     every output j that depends on x_i.
     """
     dxs, dgammas, dbetas = [], [], []
-    for c, (values, grads) in enumerate(zip(channels(x, axis), channels(dy, axis),
-                                            strict=True)):
+    for c, (values, grads) in enumerate(
+        zip(channels(x, axis), channels(dy, axis), strict=True)
+    ):
         n = len(values)
         g = 1.0 if gamma is None else float(gamma[c])
         mean, var = mean_var(values)
         root = math.sqrt(var + eps)
-        dyhat = g * grads                                  # ∂L/∂ŷ_j
+        dyhat = g * grads  # ∂L/∂ŷ_j
         dvar = np.sum(dyhat * (values - mean)) * -0.5 * (var + eps) ** -1.5
-        dmean = np.sum(dyhat * -1.0 / root)                 # Σ(x−M) = 0 drops a term
+        dmean = np.sum(dyhat * -1.0 / root)  # Σ(x−M) = 0 drops a term
         dx = dyhat / root + dmean / n + dvar * 2.0 * (values - mean) / n
         x_hat = (values - mean) / root
         dxs.append(dx)

@@ -14,59 +14,141 @@ X = np.random.default_rng(0).normal(size=(4, 3, 5))
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda: F.forward_train(np.ones(16), None, None), ValueError,
-         r"at least 2 dimensions \(N, C, \.\.\.\); got shape \(16,\)\. .*x\[None, :\]"),
-        (lambda: F.forward_train(np.ones((4, 3), int), None, None), TypeError,
-         r"x must have a floating dtype .* got dtype int64\. .*astype"),
-        (lambda: F.forward_train(np.ones((4, 3), complex), None, None), TypeError,
-         r"got dtype complex128"),
-        (lambda: F.forward_train(np.ones((4, 3), bool), None, None), TypeError,
-         r"got dtype bool"),
+        (
+            lambda: F.forward_train(np.ones(16), None, None),
+            ValueError,
+            r"at least 2 dimensions \(N, C, \.\.\.\); got shape \(16,\)\. "
+            r".*x\[None, :\]",
+        ),
+        (
+            lambda: F.forward_train(np.ones((4, 3), int), None, None),
+            TypeError,
+            r"x must have a floating dtype .* got dtype int64\. .*astype",
+        ),
+        (
+            lambda: F.forward_train(np.ones((4, 3), complex), None, None),
+            TypeError,
+            r"got dtype complex128",
+        ),
+        (
+            lambda: F.forward_train(np.ones((4, 3), bool), None, None),
+            TypeError,
+            r"got dtype bool",
+        ),
         (lambda: F.forward_train(None, None, None), TypeError, r"x must be an array"),
-        (lambda: F.forward_train(X, None, None, axis=3), ValueError,
-         r"axis must be in \[-3, 2\] .* got axis=3"),
-        (lambda: F.forward_train(X, None, None, axis=0), ValueError,
-         r"axis=0 would make the batch axis the channel axis"),
-        (lambda: F.forward_train(X, None, None, axis=1.0), TypeError,
-         r"axis must be an int; got float"),
-        (lambda: F.forward_train(X, np.ones(4), None), ValueError,
-         r"gamma must have shape \(3,\), one value per channel of x; got shape \(4,\)"),
-        (lambda: F.forward_train(X, None, np.ones((3, 1))), ValueError,
-         r"beta must have shape \(3,\)"),
-        (lambda: F.forward_train(X, np.ones(3, int), None), TypeError,
-         r"gamma must have a floating dtype"),
-        (lambda: F.forward_train(X[:1, :, :1], None, None), ValueError,
-         r"m = N · ∏ spatial = 1 · 1 = 1\. Use a batch of 2 or more"),
-        (lambda: F.forward_train(np.ones((1, 3)), None, None), ValueError,
-         r"at least 2 values per channel .* m = N · ∏ spatial = 1 = 1"),
-        (lambda: F.forward_train(np.ones((0, 3)), None, None), ValueError,
-         r"empty batch"),
-        (lambda: F.forward_train(X, None, None, eps=-1.0), ValueError,
-         r"eps must be a finite float >= 0; got -1\.0"),
-        (lambda: F.forward_train(X, None, None, eps=np.nan), ValueError,
-         r"eps must be a finite float"),
-        (lambda: F.forward_train(X, None, None, eps="1e-6"), TypeError,
-         r"eps must be a non-negative float; got str"),
-        (lambda: F.forward_train(X, None, None, eps_placement="under"), ValueError,
-         r"eps_placement must be one of 'inside', 'outside'; got 'under'"),
-        (lambda: F.forward_train(X, None, None, ddof=2), ValueError,
-         r"ddof must be 0 .* or 1 .* got 2"),
-        (lambda: F.forward_train(X, None, None, backend="cuda"), ValueError,
-         r"backend must be one of 'numpy', 'numba'; got 'cuda'"),
-        (lambda: F.backward(X, "cache"), TypeError,
-         r"cache must be the Cache returned by forward_train; got str"),
-        (lambda: F.backward(X[:2], F.forward_train(X, None, None)[1]), ValueError,
-         r"dy must have the shape of the forward input \(4, 3, 5\); got \(2, 3, 5\)"),
-        (lambda: F.forward_eval(X, None, None, np.zeros(3), -np.ones(3)), ValueError,
-         r"running_var must be >= 0 in every channel; channels \[0, 1, 2\]"),
-        (lambda: F.forward_eval(X, None, None, np.zeros(3), np.array([1, np.nan, 1.])),
-         ValueError, r"channels \[1\] hold \[nan\]"),
-        (lambda: F.forward_eval(X, None, None, np.zeros(2), np.ones(3)), ValueError,
-         r"running_mean must have shape \(3,\)"),
-        (lambda: F.forward_eval(X, None, None, None, np.ones(3)), TypeError,
-         r"running_mean must be an array of shape \(3,\); got None"),
-        (lambda: F.backward_eval(X[:1], X, None, np.zeros(3), np.ones(3)), ValueError,
-         r"dy must have the shape of the forward input"),
+        (
+            lambda: F.forward_train(X, None, None, axis=3),
+            ValueError,
+            r"axis must be in \[-3, 2\] .* got axis=3",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, axis=0),
+            ValueError,
+            r"axis=0 would make the batch axis the channel axis",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, axis=1.0),
+            TypeError,
+            r"axis must be an int; got float",
+        ),
+        (
+            lambda: F.forward_train(X, np.ones(4), None),
+            ValueError,
+            r"gamma must have shape \(3,\), one value per channel of x; "
+            r"got shape \(4,\)",
+        ),
+        (
+            lambda: F.forward_train(X, None, np.ones((3, 1))),
+            ValueError,
+            r"beta must have shape \(3,\)",
+        ),
+        (
+            lambda: F.forward_train(X, np.ones(3, int), None),
+            TypeError,
+            r"gamma must have a floating dtype",
+        ),
+        (
+            lambda: F.forward_train(X[:1, :, :1], None, None),
+            ValueError,
+            r"m = N · ∏ spatial = 1 · 1 = 1\. Use a batch of 2 or more",
+        ),
+        (
+            lambda: F.forward_train(np.ones((1, 3)), None, None),
+            ValueError,
+            r"at least 2 values per channel .* m = N · ∏ spatial = 1 = 1",
+        ),
+        (
+            lambda: F.forward_train(np.ones((0, 3)), None, None),
+            ValueError,
+            r"empty batch",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, eps=-1.0),
+            ValueError,
+            r"eps must be a finite float >= 0; got -1\.0",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, eps=np.nan),
+            ValueError,
+            r"eps must be a finite float",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, eps="1e-6"),
+            TypeError,
+            r"eps must be a non-negative float; got str",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, eps_placement="under"),
+            ValueError,
+            r"eps_placement must be one of 'inside', 'outside'; got 'under'",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, ddof=2),
+            ValueError,
+            r"ddof must be 0 .* or 1 .* got 2",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, backend="cuda"),
+            ValueError,
+            r"backend must be one of 'numpy', 'numba'; got 'cuda'",
+        ),
+        (
+            lambda: F.backward(X, "cache"),
+            TypeError,
+            r"cache must be the Cache returned by forward_train; got str",
+        ),
+        (
+            lambda: F.backward(X[:2], F.forward_train(X, None, None)[1]),
+            ValueError,
+            r"dy must have the shape of the forward input \(4, 3, 5\); got \(2, 3, 5\)",
+        ),
+        (
+            lambda: F.forward_eval(X, None, None, np.zeros(3), -np.ones(3)),
+            ValueError,
+            r"running_var must be >= 0 in every channel; channels \[0, 1, 2\]",
+        ),
+        (
+            lambda: F.forward_eval(
+                X, None, None, np.zeros(3), np.array([1, np.nan, 1.0])
+            ),
+            ValueError,
+            r"channels \[1\] hold \[nan\]",
+        ),
+        (
+            lambda: F.forward_eval(X, None, None, np.zeros(2), np.ones(3)),
+            ValueError,
+            r"running_mean must have shape \(3,\)",
+        ),
+        (
+            lambda: F.forward_eval(X, None, None, None, np.ones(3)),
+            TypeError,
+            r"running_mean must be an array of shape \(3,\); got None",
+        ),
+        (
+            lambda: F.backward_eval(X[:1], X, None, np.zeros(3), np.ones(3)),
+            ValueError,
+            r"dy must have the shape of the forward input",
+        ),
     ],
 )
 def test_functional_errors(call, error, match):
@@ -80,18 +162,34 @@ M = bn.Moments(4, np.zeros(3), np.ones(3))
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"momentum": 1.5}, ValueError,
-         r"momentum must be in \[0, 1\] \(the weight on the OLD running value.*1\.5"),
+        (
+            {"momentum": 1.5},
+            ValueError,
+            r"momentum must be in \[0, 1\] \(the weight on the OLD running value.*1\.5",
+        ),
         ({"momentum": 99}, ValueError, r"It is a weight, not a percentage"),
         ({"momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\]"),
-        ({"momentum": "0.9"}, TypeError, r"momentum must be a float in \[0, 1\] or None"),
-        ({"momentum": None}, ValueError,
-         r"momentum=None .* needs num_values_seen.* got None"),
+        (
+            {"momentum": "0.9"},
+            TypeError,
+            r"momentum must be a float in \[0, 1\] or None",
+        ),
+        (
+            {"momentum": None},
+            ValueError,
+            r"momentum=None .* needs num_values_seen.* got None",
+        ),
         ({"momentum": None, "num_values_seen": -1}, ValueError, r"got -1"),
-        ({"running_var_kind": "sample"}, ValueError,
-         r"running_var_kind must be one of 'unbiased', 'biased'; got 'sample'"),
-        ({"on_nonfinite": "ignore"}, ValueError,
-         r"on_nonfinite must be one of 'raise', 'skip'; got 'ignore'"),
+        (
+            {"running_var_kind": "sample"},
+            ValueError,
+            r"running_var_kind must be one of 'unbiased', 'biased'; got 'sample'",
+        ),
+        (
+            {"on_nonfinite": "ignore"},
+            ValueError,
+            r"on_nonfinite must be one of 'raise', 'skip'; got 'ignore'",
+        ),
     ],
 )
 def test_update_running_stats_errors(kwargs, error, match):
@@ -100,7 +198,9 @@ def test_update_running_stats_errors(kwargs, error, match):
 
 
 def test_update_running_stats_other_errors():
-    with pytest.raises(TypeError, match="cache must be a Cache from forward_train or a"):
+    with pytest.raises(
+        TypeError, match="cache must be a Cache from forward_train or a"
+    ):
         F.update_running_stats(np.zeros(3), np.ones(3), (1, 2))
     with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\)"):
         F.update_running_stats(np.zeros(2), np.ones(3), M)
@@ -126,8 +226,11 @@ def test_moments_errors():
         ({"num_features": 3, "axis": 0}, ValueError, r"axis=0 is the batch axis"),
         ({"num_features": 3, "momentum": 2}, ValueError, r"momentum must be in"),
         ({"num_features": 3, "eps": -1}, ValueError, r"eps must be a finite float"),
-        ({"num_features": 3, "dtype": np.int32}, TypeError,
-         r"dtype must be a floating dtype; got int32"),
+        (
+            {"num_features": 3, "dtype": np.int32},
+            TypeError,
+            r"dtype must be a floating dtype; got int32",
+        ),
         ({"num_features": 3, "running_var_kind": "x"}, ValueError, r"running_var_kind"),
     ],
 )
@@ -140,11 +243,16 @@ def test_layer_call_errors():
     layer = bn.BatchNorm(3)
     with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\)"):
         layer.backward(X)
-    with pytest.raises(ValueError, match=r"x has 4 channels on axis 1 .* "
-                       r"num_features=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"x has 4 channels on axis 1 .* "
+        r"num_features=3",
+    ):
         bn.BatchNorm(3, affine=False)(np.ones((2, 4)))
-    with pytest.raises(ValueError, match="preset must be one of 'darknet', 'torch', "
-                       "'keras', 'onnx'; got 'caffe'"):
+    with pytest.raises(
+        ValueError,
+        match="preset must be one of 'darknet', 'torch', 'keras', 'onnx'; got 'caffe'",
+    ):
         bn.BatchNorm.from_preset("caffe", 3)
 
 
@@ -165,18 +273,36 @@ def test_failed_forward_leaves_layer_untouched():
     [
         (lambda s: s.pop("gamma"), ValueError, r"missing \['gamma'\], unknown \[\]"),
         (lambda s: s.update(weight=1), ValueError, r"unknown \['weight'\]"),
-        (lambda s: s.update(gamma=np.ones(4)), ValueError,
-         r"state_dict\['gamma'\] must have shape \(3,\); got \(4,\)"),
-        (lambda s: s.update(beta=np.ones(3, int)), TypeError,
-         r"state_dict\['beta'\] must be a floating array; got dtype int64"),
-        (lambda s: s.update(running_var=-np.ones(3)), ValueError,
-         r"finite with running_var >= 0"),
-        (lambda s: s.update(running_mean=np.full(3, np.inf)), ValueError,
-         r"must be finite"),
-        (lambda s: s.update(num_batches_tracked=-1), ValueError,
-         r"state_dict\['num_batches_tracked'\] must be >= 0; got -1"),
-        (lambda s: s.update(num_values_seen=2.5), TypeError,
-         r"state_dict\['num_values_seen'\] must be an int; got float"),
+        (
+            lambda s: s.update(gamma=np.ones(4)),
+            ValueError,
+            r"state_dict\['gamma'\] must have shape \(3,\); got \(4,\)",
+        ),
+        (
+            lambda s: s.update(beta=np.ones(3, int)),
+            TypeError,
+            r"state_dict\['beta'\] must be a floating array; got dtype int64",
+        ),
+        (
+            lambda s: s.update(running_var=-np.ones(3)),
+            ValueError,
+            r"finite with running_var >= 0",
+        ),
+        (
+            lambda s: s.update(running_mean=np.full(3, np.inf)),
+            ValueError,
+            r"must be finite",
+        ),
+        (
+            lambda s: s.update(num_batches_tracked=-1),
+            ValueError,
+            r"state_dict\['num_batches_tracked'\] must be >= 0; got -1",
+        ),
+        (
+            lambda s: s.update(num_values_seen=2.5),
+            TypeError,
+            r"state_dict\['num_values_seen'\] must be an int; got float",
+        ),
     ],
 )
 def test_load_state_dict_errors_leave_layer_untouched(mutate, error, match):

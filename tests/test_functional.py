@@ -1,12 +1,12 @@
-"""The functional API against the naive reference, float64 gradient checks, edge cases."""
+"""Functional API against the naive reference; float64 gradient checks; edge cases."""
 
 from __future__ import annotations
 
-import naive
 import numpy as np
 import pytest
 
 import batchnorm as bn
+import naive
 from batchnorm import _backend
 
 F = bn.functional
@@ -93,7 +93,9 @@ def directional_check(loss, grads, params, rng, h=1e-6):
     directions = [rng.normal(size=p.shape) for p in params]
 
     def shifted(sign):
-        return loss(*[p + sign * h * v for p, v in zip(params, directions, strict=True)])
+        return loss(
+            *[p + sign * h * v for p, v in zip(params, directions, strict=True)]
+        )
 
     numeric = (shifted(+1) - shifted(-1)) / (2 * h)
     analytic = sum(np.sum(g * v) for g, v in zip(grads, directions, strict=True))
@@ -120,15 +122,15 @@ PRESET_OPTIONS = {
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", PRESET_OPTIONS.values(), ids=PRESET_OPTIONS.keys())
-@pytest.mark.parametrize(("shape", "axis"), [((5, 3), 1), ((3, 2, 4, 3), 1),
-                                             ((3, 4, 2), -1)])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((5, 3), 1), ((3, 2, 4, 3), 1), ((3, 4, 2), -1)]
+)
 def test_train_gradient_directional(backend, options, shape, axis):
     rng, x, gamma, beta = make(shape, axis=axis, seed=1, mean=2.0, std=1.5)
     dy = rng.normal(size=shape)
 
     def loss(x_, gamma_, beta_):
-        y, _ = F.forward_train(x_, gamma_, beta_, axis=axis, backend=backend,
-                               **options)
+        y, _ = F.forward_train(x_, gamma_, beta_, axis=axis, backend=backend, **options)
         return float(np.sum(y * dy))
 
     _, cache = F.forward_train(x, gamma, beta, axis=axis, backend=backend, **options)
@@ -202,8 +204,9 @@ def test_constant_channel(backend):
     np.testing.assert_array_equal(y[:, 0], 0.25)  # (x − M) is exactly 0
     assert cache.var[0] == 0.0
     for placement, ddof in [("inside", 0), ("outside", 1)]:
-        _, cache = F.forward_train(x, None, None, eps_placement=placement, ddof=ddof,
-                                   backend=backend)
+        _, cache = F.forward_train(
+            x, None, None, eps_placement=placement, ddof=ddof, backend=backend
+        )
         dy = np.random.default_rng(0).normal(size=x.shape)
         dx, _, _ = F.backward(dy, cache, backend=backend)
         assert np.isfinite(dx).all()
@@ -233,8 +236,9 @@ def test_dtypes_keep_input_dtype(backend, dtype):
     ulp = np.abs(y_ref) * float(finfo(dtype).eps) + float(finfo(dtype).tiny)
     bound = 0.5 * ulp + 16 * np.finfo(np.float64).eps * (np.abs(y_ref) + 10.0)
     assert np.all(np.abs(y.astype(np.float64) - y_ref) <= bound)
-    dx, _, _ = F.backward(rng.normal(size=x.shape).astype(dtype), cache,
-                          backend=backend)
+    dx, _, _ = F.backward(
+        rng.normal(size=x.shape).astype(dtype), cache, backend=backend
+    )
     assert dx.dtype == x.dtype
     y_eval = F.forward_eval(x, gamma, beta, cache.mean, cache.var, backend=backend)
     assert y_eval.dtype == x.dtype

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import naive
 import numpy as np
 import pytest
 
 import batchnorm as bn
+import naive
 from batchnorm import _backend
 
 F = bn.functional
@@ -33,8 +33,9 @@ def test_train_step_equals_functional(backend):
     np.testing.assert_array_equal(dx, dx_ref)
     np.testing.assert_array_equal(layer.grad_gamma, dgamma.astype(np.float32))
     np.testing.assert_array_equal(layer.grad_beta, dbeta.astype(np.float32))
-    mean, var = F.update_running_stats(np.zeros(3, np.float32), np.ones(3, np.float32),
-                                       cache)
+    mean, var = F.update_running_stats(
+        np.zeros(3, np.float32), np.ones(3, np.float32), cache
+    )
     np.testing.assert_array_equal(layer.running_mean, mean)
     np.testing.assert_array_equal(layer.running_var, var)
     assert layer.num_batches_tracked == 1 and layer.num_values_seen == 8 * 16
@@ -48,15 +49,17 @@ def test_eval_uses_running_stats_and_updates_nothing():
     layer.eval()
     x = batch(10)
     y = layer(x)
-    y_ref = naive.forward_eval(x, layer.gamma, layer.beta, layer.running_mean,
-                               layer.running_var)
+    y_ref = naive.forward_eval(
+        x, layer.gamma, layer.beta, layer.running_mean, layer.running_var
+    )
     np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
     for key, value in layer.state_dict().items():
         np.testing.assert_array_equal(value, state[key])
     dy = batch(11)
     dx = layer.backward(dy)
-    dx_ref, dgamma, _ = F.backward_eval(dy, x, layer.gamma, layer.running_mean,
-                                        layer.running_var)
+    dx_ref, dgamma, _ = F.backward_eval(
+        dy, x, layer.gamma, layer.running_mean, layer.running_var
+    )
     np.testing.assert_array_equal(dx, dx_ref)
     np.testing.assert_array_equal(layer.grad_gamma, dgamma.astype(np.float32))
 
@@ -81,8 +84,9 @@ def test_mode_flags_are_independent():
     layer.use_batch_stats = False
     y = layer(x)
     assert layer.num_batches_tracked == 1
-    expected = F.forward_eval(x, layer.gamma, layer.beta, layer.running_mean,
-                              layer.running_var)
+    expected = F.forward_eval(
+        x, layer.gamma, layer.beta, layer.running_mean, layer.running_var
+    )
     np.testing.assert_array_equal(y, expected)
 
 
@@ -113,8 +117,12 @@ def test_not_affine():
     np.testing.assert_array_equal(layer(x), F.forward_train(x, None, None)[0])
     layer.backward(batch(1))
     assert layer.gamma is None and layer.grad_gamma is None
-    assert set(layer.state_dict()) == {"running_mean", "running_var",
-                                       "num_batches_tracked", "num_values_seen"}
+    assert set(layer.state_dict()) == {
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+        "num_values_seen",
+    }
 
 
 def test_channels_last_layer():
@@ -131,8 +139,9 @@ def test_momentum_none_layer_tracks_exact_statistics():
         layer(x)
     whole = np.concatenate(xs)
     np.testing.assert_allclose(layer.running_mean, whole.mean(axis=(0, 2)), rtol=1e-13)
-    np.testing.assert_allclose(layer.running_var, whole.var(axis=(0, 2), ddof=1),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        layer.running_var, whole.var(axis=(0, 2), ddof=1), rtol=1e-12
+    )
     assert layer.num_values_seen == 16 * 2
 
 
@@ -181,7 +190,10 @@ def test_nonfinite_batch_keeps_layer_state():
 def test_presets():
     torch_like = bn.BatchNorm.from_preset("torch", 4)
     assert (torch_like.momentum, torch_like.eps, torch_like.running_var_kind) == (
-        0.9, 1e-5, "unbiased")
+        0.9,
+        1e-5,
+        "unbiased",
+    )
     keras = bn.BatchNorm.from_preset("keras", 4)
     assert (keras.momentum, keras.eps, keras.running_var_kind) == (0.99, 1e-3, "biased")
     onnx = bn.BatchNorm.from_preset("onnx", 4, eps=1e-3)
@@ -198,13 +210,15 @@ def test_darknet_preset_reproduces_darknet_cpu_forward():
     moved = np.moveaxis(x, 1, -1).reshape(-1, 3)
     mean, var = moved.mean(0), moved.var(0, ddof=1)
     expected = (moved - mean) / (np.sqrt(var) + 1e-6)
-    np.testing.assert_allclose(np.moveaxis(y, 1, -1).reshape(-1, 3), expected,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        np.moveaxis(y, 1, -1).reshape(-1, 3), expected, rtol=1e-12
+    )
     # darknet: scal(.99) then axpy(.01, variance) with the m−1 variance
     np.testing.assert_allclose(layer.running_mean, 0.01 * mean, rtol=1e-12)
     np.testing.assert_allclose(layer.running_var, 0.01 * var, rtol=1e-12)
     layer.eval()
     y_eval = layer(x)
     rolled = (moved - 0.01 * mean) / (np.sqrt(0.01 * var) + 1e-6)
-    np.testing.assert_allclose(np.moveaxis(y_eval, 1, -1).reshape(-1, 3), rolled,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        np.moveaxis(y_eval, 1, -1).reshape(-1, 3), rolled, rtol=1e-12
+    )

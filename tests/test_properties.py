@@ -17,8 +17,9 @@ settings.load_profile("ci")
 @st.composite
 def batches(draw, min_dims=2, max_dims=4):
     """A float64 batch with C at axis 1, m ≥ 2, channel spreads well above ε."""
-    shape = draw(hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=1,
-                                  max_side=5))
+    shape = draw(
+        hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=1, max_side=5)
+    )
     if np.prod(shape) // shape[1] < 2:
         shape = (shape[0] + 1, *shape[1:])
     seed = draw(st.integers(0, 2**32 - 1))
@@ -72,9 +73,14 @@ def test_invariant_to_positive_scale_and_shift(data, scale, shift):
     moved = a * x + b
     # eps is one scalar, so each channel is rescaled (and checked) on its own
     for k in range(c):
-        yk, _ = F.forward_train(moved[:, k:k + 1], None, None,
-                                eps=eps * float(a.ravel()[k]) ** 2, backend="numpy")
-        np.testing.assert_allclose(yk, y[:, k:k + 1], atol=1e-7)
+        yk, _ = F.forward_train(
+            moved[:, k : k + 1],
+            None,
+            None,
+            eps=eps * float(a.ravel()[k]) ** 2,
+            backend="numpy",
+        )
+        np.testing.assert_allclose(yk, y[:, k : k + 1], atol=1e-7)
 
 
 @given(batches(), st.sampled_from(["inside", "outside"]))
@@ -82,8 +88,7 @@ def test_input_gradient_sums_to_zero_per_channel(data, placement):
     x, rng = data
     dy = rng.normal(size=x.shape)
     gamma = rng.uniform(0.5, 2.0, x.shape[1])
-    _, cache = F.forward_train(x, gamma, None, eps_placement=placement,
-                               backend="numpy")
+    _, cache = F.forward_train(x, gamma, None, eps_placement=placement, backend="numpy")
     dx, _, _ = F.backward(dy, cache, backend="numpy")
     # dx is a sum of terms of size ~ γ·inv_std·|dy| (it can cancel to ~0, e.g. m = 2)
     term = np.abs(per_channel(dy)).max() * gamma * cache.inv_std
@@ -101,19 +106,21 @@ def test_layout_equivariance(data):
     y, cache = F.forward_train(x, gamma, beta, backend="numpy")
     dx, dgamma, dbeta = F.backward(dy, cache, backend="numpy")
     x_last = np.moveaxis(x, 1, -1)
-    y_last, cache_last = F.forward_train(x_last, gamma, beta, axis=-1,
-                                         backend="numpy")
-    dx_last, dgamma_last, dbeta_last = F.backward(np.moveaxis(dy, 1, -1), cache_last,
-                                                  backend="numpy")
+    y_last, cache_last = F.forward_train(x_last, gamma, beta, axis=-1, backend="numpy")
+    dx_last, dgamma_last, dbeta_last = F.backward(
+        np.moveaxis(dy, 1, -1), cache_last, backend="numpy"
+    )
     np.testing.assert_allclose(np.moveaxis(y_last, -1, 1), y, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(np.moveaxis(dx_last, -1, 1), dx, rtol=1e-7,
-                               atol=1e-9 * np.abs(dx).max())
+    np.testing.assert_allclose(
+        np.moveaxis(dx_last, -1, 1), dx, rtol=1e-7, atol=1e-9 * np.abs(dx).max()
+    )
     np.testing.assert_allclose(dgamma_last, dgamma, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(dbeta_last, dbeta, rtol=1e-9, atol=1e-9)
 
 
-@given(st.floats(0.0, 1.0), st.integers(1, 20), st.floats(-1e3, 1e3),
-       st.floats(1e-3, 1e3))
+@given(
+    st.floats(0.0, 1.0), st.integers(1, 20), st.floats(-1e3, 1e3), st.floats(1e-3, 1e3)
+)
 def test_ema_closed_form(momentum, steps, batch_mean, batch_var):
     m = bn.Moments(5, np.array([batch_mean]), np.array([batch_var * 4]))
     mean, var = np.array([0.0]), np.array([1.0])
@@ -135,5 +142,6 @@ def test_chunked_merge_equals_whole(data, cuts):
     whole = bn.Moments.from_array(x)
     assert merged.count == whole.count
     np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-12, atol=1e-300)
-    np.testing.assert_allclose(merged.m2, whole.m2, rtol=1e-9,
-                               atol=1e-12 * (whole.m2.max() + 1e-300))
+    np.testing.assert_allclose(
+        merged.m2, whole.m2, rtol=1e-9, atol=1e-12 * (whole.m2.max() + 1e-300)
+    )

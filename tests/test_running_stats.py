@@ -1,4 +1,4 @@
-"""Running statistics: the EMA's direction and closed form, exact cumulative, non-finite."""
+"""Running statistics: EMA direction and closed form, exact cumulative, non-finite."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ def test_ema_weights_the_old_value():
     np.testing.assert_allclose(mean, 0.99 * old_mean + 0.01 * np.array([10.0, -2.0]))
     # unbiased batch variance: M2 / (m − 1)
     np.testing.assert_allclose(var, 0.99 * old_var + 0.01 * np.array([4.0, 1.0]))
-    _, var_b = F.update_running_stats(old_mean, old_var, batch, momentum=0.99,
-                                      running_var_kind="biased")
+    _, var_b = F.update_running_stats(
+        old_mean, old_var, batch, momentum=0.99, running_var_kind="biased"
+    )
     np.testing.assert_allclose(var_b, 0.99 * old_var + 0.01 * np.array([3.0, 0.75]))
 
 
@@ -41,14 +42,17 @@ def test_ema_closed_form(momentum):
 @pytest.mark.parametrize("kind", ["unbiased", "biased"])
 def test_momentum_none_is_exact_cumulative(kind):
     rng = np.random.default_rng(0)
-    batches = [rng.normal(5.0 * i, 1.0 + i, size=(n, 3, 4)) for i, n in
-               enumerate([2, 7, 3, 11])]
+    batches = [
+        rng.normal(5.0 * i, 1.0 + i, size=(n, 3, 4))
+        for i, n in enumerate([2, 7, 3, 11])
+    ]
     mean, var = np.zeros(3), np.ones(3)
     seen = 0
     for x in batches:
         m = moments_of(x)
-        mean, var = F.update_running_stats(mean, var, m, momentum=None,
-                                           running_var_kind=kind, num_values_seen=seen)
+        mean, var = F.update_running_stats(
+            mean, var, m, momentum=None, running_var_kind=kind, num_values_seen=seen
+        )
         seen += m.count
     whole = np.concatenate(batches, axis=0)
     ddof = 1 if kind == "unbiased" else 0
@@ -58,15 +62,17 @@ def test_momentum_none_is_exact_cumulative(kind):
 
 def test_momentum_none_first_batch_replaces_initial_values():
     m = bn.Moments(2, np.array([3.0]), np.array([8.0]))
-    mean, var = F.update_running_stats(np.array([0.0]), np.array([1.0]), m,
-                                       momentum=None, num_values_seen=0)
+    mean, var = F.update_running_stats(
+        np.array([0.0]), np.array([1.0]), m, momentum=None, num_values_seen=0
+    )
     assert mean[0] == 3.0 and var[0] == 8.0
 
 
 def test_dtypes_of_running_stats_are_kept():
     m = bn.Moments(2, np.array([3.0]), np.array([8.0]))
-    mean, var = F.update_running_stats(np.zeros(1, np.float32), np.ones(1, np.float32),
-                                       m)
+    mean, var = F.update_running_stats(
+        np.zeros(1, np.float32), np.ones(1, np.float32), m
+    )
     assert mean.dtype == np.float32 and var.dtype == np.float32
 
 
@@ -75,7 +81,9 @@ def test_nonfinite_statistics_raise_by_default():
     x[1, 1] = np.nan
     _, cache = F.forward_train(x, None, None)
     rm, rv = np.zeros(2), np.ones(2)
-    with pytest.raises(bn.NonFiniteStatisticsError, match=r"not finite in channels \[1\]"):
+    with pytest.raises(
+        bn.NonFiniteStatisticsError, match=r"not finite in channels \[1\]"
+    ):
         F.update_running_stats(rm, rv, cache)
     with pytest.warns(RuntimeWarning, match="left unchanged"):
         mean, var = F.update_running_stats(rm, rv, cache, on_nonfinite="skip")

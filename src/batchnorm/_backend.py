@@ -1,4 +1,4 @@
-"""Choose the kernel implementation: an argument, else $BATCHNORM_BACKEND, else the fastest.
+"""Kernel choice: the argument, else $BATCHNORM_BACKEND, else the fastest installed.
 
 Both backends expose the same functions (``batch_moments``, ``normalize``,
 ``backward_train``, ``backward_eval``) with the same arguments; tests hold the fast

@@ -1,4 +1,4 @@
-"""Input checks shared by the functional API and the layer: one message style everywhere.
+"""Input checks shared by the functional API and the layer, in one message style.
 
 Every error names the parameter, what was expected, what was received and a fix.
 """
@@ -71,7 +71,9 @@ def check_channel_vector(
     if value is None:
         if optional:
             return None
-        raise TypeError(f"{name} must be an array of shape ({num_channels},); got None.")
+        raise TypeError(
+            f"{name} must be an array of shape ({num_channels},); got None."
+        )
     arr = as_float_array(value, name)
     if arr.shape != (num_channels,):
         raise ValueError(

@@ -101,7 +101,9 @@ class Cache:
         return self.moments.count
 
 
-def inv_std_of(var: np.ndarray, eps: float, eps_placement: str = "inside") -> np.ndarray:
+def inv_std_of(
+    var: np.ndarray, eps: float, eps_placement: str = "inside"
+) -> np.ndarray:
     """``1/√(var + ε)`` or, for darknet's ``"outside"``, ``1/(√var + ε)``, float64."""
     var = np.asarray(var, dtype=np.float64)
     with np.errstate(divide="ignore"):
@@ -436,16 +438,17 @@ def update_running_stats(
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         return running_mean.copy(), running_var.copy()
     if momentum is None:
-        new_mean, new_var = _cumulative(running_mean, running_var, moments, ddof,
-                                        num_values_seen)
+        new_mean, new_var = _cumulative(
+            running_mean, running_var, moments, ddof, num_values_seen
+        )
     else:
         batch_var = moments.var(ddof)
-        new_mean = momentum * running_mean.astype(np.float64) + (
-            1.0 - momentum
-        ) * moments.mean
-        new_var = momentum * running_var.astype(np.float64) + (
-            1.0 - momentum
-        ) * batch_var
+        new_mean = (
+            momentum * running_mean.astype(np.float64) + (1.0 - momentum) * moments.mean
+        )
+        new_var = (
+            momentum * running_var.astype(np.float64) + (1.0 - momentum) * batch_var
+        )
     return (
         new_mean.astype(running_mean.dtype),
         new_var.astype(running_var.dtype),

@@ -103,8 +103,9 @@ class BatchNorm:
     >>> y = layer(x)
     >>> bool(abs(y.mean()) < 1e-6), layer.num_batches_tracked
     (True, 1)
-    >>> dx = layer.backward(np.ones_like(y))
-    >>> layer.eval(); y_test = layer(x)
+    >>> dy = np.random.default_rng(1).normal(size=y.shape).astype(np.float32)
+    >>> dx = layer.backward(dy)            # sets layer.grad_gamma, layer.grad_beta
+    >>> y_test = layer.eval()(x)           # running statistics, nothing updated
     """
 
     def __init__(
@@ -147,7 +148,9 @@ class BatchNorm:
         self.running_var_kind = check_choice(
             running_var_kind, "running_var_kind", RUNNING_VAR_KINDS
         )
-        self.eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
+        self.eps_placement = check_choice(
+            eps_placement, "eps_placement", EPS_PLACEMENTS
+        )
         self.ddof = check_ddof(ddof)
         self.on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", ON_NONFINITE)
         self.affine = bool(affine)
@@ -195,7 +198,11 @@ class BatchNorm:
     # -- modes ------------------------------------------------------------------
     def train(self) -> BatchNorm:
         """Normalize with batch statistics and update the running ones."""
-        self.use_batch_stats, self.update_running_stats, self.trainable = True, True, True
+        self.use_batch_stats, self.update_running_stats, self.trainable = (
+            True,
+            True,
+            True,
+        )
         return self
 
     def eval(self) -> BatchNorm:
@@ -332,7 +339,9 @@ class BatchNorm:
         self.running_mean = np.full(
             self.num_features, self.initial_running_mean, self.dtype
         )
-        self.running_var = np.full(self.num_features, self.initial_running_var, self.dtype)
+        self.running_var = np.full(
+            self.num_features, self.initial_running_var, self.dtype
+        )
         self.num_batches_tracked = 0
         self.num_values_seen = 0
 

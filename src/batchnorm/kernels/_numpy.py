@@ -40,7 +40,6 @@ import numpy as np
 
 from batchnorm._layout import channel_shape, reduce_axes
 
-
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
