@@ -1,1 +1,1 @@
-"""Kernels: pure array math, no validation and no state (reference NumPy; fast Numba)."""
+"""Kernels: pure array math, no validation, no state (NumPy reference; Numba fast)."""
