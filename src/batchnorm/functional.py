@@ -133,6 +133,7 @@ def forward_train(
     eps_placement: str = "inside",
     ddof: int = 0,
     backend: str | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, Cache]:
     """Normalize ``x`` with its own per-channel batch statistics.
 
@@ -153,6 +154,9 @@ def forward_train(
     backend : {"numpy", "numba"} or None
         Kernel implementation; ``None`` uses ``$BATCHNORM_BACKEND`` or the fastest
         installed.
+    out : ndarray, optional
+        Where to write ``y`` (then ``y is out``): the shape and dtype of ``x``,
+        writeable, sharing no memory with ``x``. Saves an allocation per call.
 
     Returns
     -------
@@ -188,6 +192,7 @@ def forward_train(
     eps = check_eps(eps)
     eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
     ddof = check_ddof(ddof)
+    out = _check_out(out, x, ("x", x))
     count = x.size // num_channels if num_channels else 0
     if x.size == 0:
         raise ValueError(
@@ -200,9 +205,41 @@ def forward_train(
     moments = Moments(*kernels.batch_moments(x, axis))
     inv_std = inv_std_of(moments.var(ddof), eps, eps_placement)
     scale = inv_std if gamma is None else inv_std * gamma.astype(np.float64)
-    y = kernels.normalize(x, axis, moments.mean, scale, beta, x.dtype)
+    y = kernels.normalize(x, axis, moments.mean, scale, beta, x.dtype, out=out)
     cache = Cache(x, moments, inv_std, gamma, axis, eps, eps_placement, ddof)
     return y, cache
+
+
+def _check_out(
+    out: Any, x: np.ndarray, *inputs: tuple[str, np.ndarray]
+) -> np.ndarray | None:
+    """Validate an ``out=`` array for a result shaped like ``x``."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(
+            f"out must be a numpy.ndarray or None; got {type(out).__name__}. "
+            "Allocate one with np.empty_like(x)."
+        )
+    if out.shape != x.shape:
+        raise ValueError(
+            f"out must have the shape of x {x.shape}; got {out.shape}. Allocate it "
+            "with np.empty_like(x)."
+        )
+    if out.dtype != x.dtype:
+        raise TypeError(
+            f"out must have the dtype of x ({x.dtype}); got {out.dtype}. Allocate it "
+            "with np.empty_like(x)."
+        )
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable; got a read-only array.")
+    for name, array in inputs:
+        if np.may_share_memory(out, array) and np.shares_memory(out, array):
+            raise ValueError(
+                f"out must not share memory with {name}: the kernels read {name} "
+                "while they write out. Pass a separate array (np.empty_like(x))."
+            )
+    return out
 
 
 def _check_dy(dy: Any, x: np.ndarray) -> np.ndarray:
@@ -216,7 +253,11 @@ def _check_dy(dy: Any, x: np.ndarray) -> np.ndarray:
 
 
 def backward(
-    dy: Any, cache: Cache, *, backend: str | None = None
+    dy: Any,
+    cache: Cache,
+    *,
+    backend: str | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact gradient of :func:`forward_train` (batch statistics depend on ``x``).
 
@@ -226,6 +267,10 @@ def backward(
         ``∂L/∂y``.
     cache : Cache
         From the matching :func:`forward_train` call.
+    backend : {"numpy", "numba"} or None
+    out : ndarray, optional
+        Where to write ``dx``: the shape and dtype of ``x``, writeable, sharing no
+        memory with ``x`` or ``dy``.
 
     Returns
     -------
@@ -249,6 +294,7 @@ def backward(
         )
     x, axis = cache.x, cache.axis
     dy = _check_dy(dy, x)
+    out = _check_out(out, x, ("x", x), ("dy", dy))
     count = cache.count
     if cache.eps_placement == "inside":
         k = np.full(cache.inv_std.shape, -1.0 / (count - cache.ddof))
@@ -258,7 +304,7 @@ def backward(
             k = np.where(std > 0, -(1.0 + cache.eps / std) / (count - cache.ddof), 0.0)
     kernels = _backend.resolve(backend)
     return kernels.backward_train(
-        dy, x, axis, cache.mean, cache.inv_std, cache.gamma, k, count
+        dy, x, axis, cache.mean, cache.inv_std, cache.gamma, k, count, out=out
     )
 
 
@@ -288,6 +334,7 @@ def forward_eval(
     eps: float = 1e-6,
     eps_placement: str = "inside",
     backend: str | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Normalize ``x`` with fixed (running) statistics: test time in the seed.
 
@@ -297,7 +344,7 @@ def forward_eval(
     gamma, beta : ndarray, shape (C,), or None
     running_mean, running_var : ndarray, shape (C,)
         ``running_var`` is used as stored (unbiased or biased, whatever was kept).
-    axis, eps, eps_placement, backend
+    axis, eps, eps_placement, backend, out
         As in :func:`forward_train`.
 
     Returns
@@ -320,12 +367,14 @@ def forward_eval(
     running_mean, running_var = _check_running(running_mean, running_var, num_channels)
     eps = check_eps(eps)
     eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
+    out = _check_out(out, x, ("x", x))
     inv_std = inv_std_of(running_var, eps, eps_placement)
     scale = inv_std if gamma is None else inv_std * gamma.astype(np.float64)
     mean = running_mean.astype(np.float64)
     if x.size == 0:
-        return np.empty(x.shape, dtype=x.dtype)
-    return _backend.resolve(backend).normalize(x, axis, mean, scale, beta, x.dtype)
+        return np.empty(x.shape, dtype=x.dtype) if out is None else out
+    kernels = _backend.resolve(backend)
+    return kernels.normalize(x, axis, mean, scale, beta, x.dtype, out=out)
 
 
 def backward_eval(
@@ -339,8 +388,12 @@ def backward_eval(
     eps: float = 1e-6,
     eps_placement: str = "inside",
     backend: str | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact gradient of :func:`forward_eval`: the statistics are constants.
+
+    ``out``, optional, is where to write ``dx``: the shape and dtype of ``x``,
+    writeable, sharing no memory with ``x`` or ``dy``.
 
     Returns
     -------
@@ -356,10 +409,11 @@ def backward_eval(
     running_mean, running_var = _check_running(running_mean, running_var, num_channels)
     eps = check_eps(eps)
     eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
+    out = _check_out(out, x, ("x", x), ("dy", dy))
     inv_std = inv_std_of(running_var, eps, eps_placement)
     kernels = _backend.resolve(backend)
     return kernels.backward_eval(
-        dy, x, axis, running_mean.astype(np.float64), inv_std, gamma
+        dy, x, axis, running_mean.astype(np.float64), inv_std, gamma, out=out
     )
 
 

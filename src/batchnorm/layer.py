@@ -84,6 +84,12 @@ class BatchNorm:
     dtype : numpy dtype, default float32
         Dtype of γ, β and the running statistics.
     backend : {"numpy", "numba"} or None
+    reuse_buffers : bool, default False
+        Write each output (``y`` of the forward pass, ``dx`` of the backward pass)
+        into an array the layer keeps and reuses on the next call of the same
+        shape, instead of allocating a new one. The array returned by one call is
+        then overwritten by the next: copy it if you need it longer. A buffer that
+        shares memory with the call's input is never used for its output.
 
     Attributes
     ----------
@@ -124,6 +130,7 @@ class BatchNorm:
         initial_running_var: float = 1.0,
         dtype: Any = np.float32,
         backend: str | None = None,
+        reuse_buffers: bool = False,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(
             num_features, int | np.integer
@@ -158,6 +165,8 @@ class BatchNorm:
         if not np.issubdtype(self.dtype, np.floating):
             raise TypeError(f"dtype must be a floating dtype; got {self.dtype}.")
         self.backend = backend
+        self.reuse_buffers = bool(reuse_buffers)
+        self._buffers: dict[str, np.ndarray] = {}
         self.initial_running_mean = float(initial_running_mean)
         self.initial_running_var = float(initial_running_var)
         c = self.num_features
@@ -239,6 +248,7 @@ class BatchNorm:
             eps_placement=self.eps_placement,
             ddof=self.ddof,
             backend=self.backend,
+            out=self._buffer("y", x),
         )
         if self.update_running_stats:
             self._absorb(cache.moments)
@@ -260,9 +270,29 @@ class BatchNorm:
             eps=self.eps,
             eps_placement=self.eps_placement,
             backend=self.backend,
+            out=self._buffer("y", x),
         )
         self._cache, self._eval_input = None, np.asarray(x)
         return y
+
+    def _buffer(self, name: str, like: np.ndarray, *inputs: Any) -> np.ndarray | None:
+        """Reused output array ``name`` shaped like ``like``; None by default.
+
+        Replaced when its shape or dtype no longer fits, or when it shares memory
+        with ``like`` or ``inputs`` (a caller feeding an earlier output back in).
+        """
+        if not self.reuse_buffers:
+            return None
+        buffer = self._buffers.get(name)
+        if (
+            buffer is None
+            or buffer.shape != like.shape
+            or buffer.dtype != like.dtype
+            or any(np.shares_memory(buffer, a) for a in (like, *inputs))
+        ):
+            buffer = np.empty(like.shape, like.dtype)
+            self._buffers[name] = buffer
+        return buffer
 
     def _check_channels(self, x: np.ndarray) -> None:
         if x.shape[self.axis] != self.num_features:
@@ -299,7 +329,10 @@ class BatchNorm:
             When no forward pass came first.
         """
         if self._cache is not None:
-            dx, dgamma, dbeta = F.backward(dy, self._cache, backend=self.backend)
+            out = self._buffer("dx", self._cache.x, np.asarray(dy))
+            dx, dgamma, dbeta = F.backward(
+                dy, self._cache, backend=self.backend, out=out
+            )
         elif self._eval_input is not None:
             dx, dgamma, dbeta = F.backward_eval(
                 dy,
@@ -311,6 +344,7 @@ class BatchNorm:
                 eps=self.eps,
                 eps_placement=self.eps_placement,
                 backend=self.backend,
+                out=self._buffer("dx", self._eval_input, np.asarray(dy)),
             )
         else:
             raise RuntimeError(

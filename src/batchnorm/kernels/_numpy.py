@@ -1,8 +1,10 @@
 """Reference kernels in NumPy: the seed's math on validated arrays, computed in float64.
 
 These functions hold no state and check nothing: :mod:`batchnorm.functional`
-validates, chooses dtypes and calls them. Every channel axis and every stride works
-through broadcasting, so there is one code path for all layouts.
+validates, chooses dtypes and calls them. Every channel axis and every stride
+works through broadcasting, so there is one code path for all layouts. The ones
+that return an array of the input's size take ``out=``, an array of that shape
+and dtype to write it into.
 
 Derivation of the training-mode gradient
 -----------------------------------------
@@ -86,6 +88,7 @@ def normalize(
     scale: np.ndarray,
     shift: np.ndarray | None,
     out_dtype: np.dtype,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """``y = (x − mean) · scale + shift`` per channel; the subtraction comes first.
 
@@ -96,7 +99,15 @@ def normalize(
     y *= _per_channel(scale, x.ndim, axis)
     if shift is not None:
         y += _per_channel(np.asarray(shift, dtype=np.float64), x.ndim, axis)
-    return y.astype(out_dtype, copy=False)
+    return _finish(y, out_dtype, out)
+
+
+def _finish(result: np.ndarray, dtype: np.dtype, out: np.ndarray | None) -> np.ndarray:
+    """``result`` (float64) cast to ``dtype``, or written into ``out``."""
+    if out is None:
+        return result.astype(dtype, copy=False)
+    out[...] = result.astype(out.dtype, copy=False)
+    return out
 
 
 @_quiet
@@ -121,6 +132,7 @@ def backward_train(
     gamma: np.ndarray | None,
     k: np.ndarray,
     count: int,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact training-mode gradient (see the module docstring for ``k``)."""
     x_hat, dgamma, dbeta = param_grads(dy, x, axis, mean, inv_std)
@@ -129,7 +141,7 @@ def backward_train(
     dx += np.asarray(dy, dtype=np.float64)
     dx -= _per_channel(dbeta / count, x.ndim, axis)
     dx *= _per_channel(gain, x.ndim, axis)
-    return dx.astype(x.dtype, copy=False), dgamma, dbeta
+    return _finish(dx, x.dtype, out), dgamma, dbeta
 
 
 @_quiet
@@ -140,9 +152,10 @@ def backward_eval(
     mean: np.ndarray,
     inv_std: np.ndarray,
     gamma: np.ndarray | None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact gradient when the statistics are constants (eval mode)."""
     _, dgamma, dbeta = param_grads(dy, x, axis, mean, inv_std)
     gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
     dx = np.asarray(dy, dtype=np.float64) * _per_channel(gain, x.ndim, axis)
-    return dx.astype(x.dtype, copy=False), dgamma, dbeta
+    return _finish(dx, x.dtype, out), dgamma, dbeta

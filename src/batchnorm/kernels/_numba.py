@@ -1,0 +1,252 @@
+"""Fast kernels in Numba: the reference's operations, fused and parallel.
+
+Same functions and arguments as :mod:`batchnorm.kernels._numpy` and the same
+results to float64 rounding (the tests hold them equal). What is covered:
+
+- float32 and float64 ``x`` (and ``dy`` of the same dtype) that is C-contiguous,
+  with the channel axis anywhere: ``x`` is viewed without a copy as (A, C, S)
+  (NCHW is ``(N, C, H·W)``) or, when nothing follows the channel axis, as
+  channels-last ``(M, C)``. The loops are in :mod:`batchnorm.kernels._loops`.
+- Everything else (float16, bfloat16, strided or Fortran-ordered views, an ``out``
+  of another dtype, empty arrays) is computed by the NumPy reference: slower,
+  never a different answer.
+
+Threads: :func:`set_num_threads`, else ``$BATCHNORM_NUM_THREADS``, else Numba's
+``NUMBA_NUM_THREADS`` (the number of cores). Tensors under ``PARALLEL_MIN_SIZE``
+values run on one thread, where a parallel launch costs more than it saves.
+
+Compilation is lazy (on the first call per dtype and layout) and cached on disk
+with ``cache=True``. Numba picks the cache directory: ``$NUMBA_CACHE_DIR`` when set,
+else the ``__pycache__`` next to this file, else, when site-packages is read-only,
+the user-wide ``~/.cache/numba``; with none writable, kernels compile in each
+process instead of failing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numba
+import numpy as np
+
+from batchnorm.kernels import _loops, _numpy
+
+__all__ = [
+    "PARALLEL_MIN_SIZE",
+    "backward_eval",
+    "backward_train",
+    "batch_moments",
+    "get_num_threads",
+    "normalize",
+    "set_num_threads",
+]
+
+#: Below this many values an operation runs on one thread (measured: a parallel
+#: launch costs about as much as streaming this many float32 values).
+PARALLEL_MIN_SIZE = 1 << 16
+
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_num_threads: int | None = None
+
+
+def _max_threads() -> int:
+    """Numba's thread pool size, fixed at import (``$NUMBA_NUM_THREADS``, or cores)."""
+    return int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+
+
+def _check_num_threads(value: object, source: str) -> int:
+    limit = _max_threads()
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{source} must be an int; got {type(value).__name__}.")
+    if not 1 <= value <= limit:
+        raise ValueError(
+            f"{source} must be between 1 and {limit} (NUMBA_NUM_THREADS, fixed when "
+            f"numba is imported); got {value}."
+        )
+    return int(value)
+
+
+def set_num_threads(num_threads: int | None) -> None:
+    """Threads for the Numba kernels of this process; ``None`` restores the default.
+
+    >>> set_num_threads(1); get_num_threads()
+    1
+    >>> set_num_threads(None)
+    """
+    global _num_threads
+    if num_threads is None:
+        _num_threads = None
+        return
+    _num_threads = _check_num_threads(num_threads, "num_threads")
+
+
+def get_num_threads() -> int:
+    """:func:`set_num_threads`, else ``$BATCHNORM_NUM_THREADS``, else every core."""
+    if _num_threads is not None:
+        return _num_threads
+    env = os.environ.get("BATCHNORM_NUM_THREADS")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(
+                f"BATCHNORM_NUM_THREADS must be an int; got {env!r}."
+            ) from None
+        return _check_num_threads(value, "BATCHNORM_NUM_THREADS")
+    return _max_threads()
+
+
+def _chunks(size: int) -> int:
+    return 1 if size < PARALLEL_MIN_SIZE else get_num_threads()
+
+
+def _pick(pair: _loops.KernelPair, num_chunks: int) -> Any:
+    return pair.serial if num_chunks == 1 else pair.parallel
+
+
+def _fast_view(x: np.ndarray, axis: int) -> np.ndarray | None:
+    """``x`` as (A, C, S) without a copy when the loops cover it, else None."""
+    if x.dtype not in _FAST_DTYPES or not x.flags.c_contiguous or x.size == 0:
+        return None
+    outer = math.prod(x.shape[:axis])
+    return x.reshape(outer, x.shape[axis], x.size // (outer * x.shape[axis]))
+
+
+def _pair_views(
+    dy: np.ndarray, x: np.ndarray, axis: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    x3 = _fast_view(x, axis)
+    if x3 is None or dy.dtype != x.dtype or not dy.flags.c_contiguous:
+        return None
+    return dy.reshape(x3.shape), x3
+
+
+def _vec(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.float64)
+
+
+def _target(x3: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """Where the loops write: ``out`` itself when it is C-contiguous."""
+    if out is not None and out.flags.c_contiguous:
+        return out.reshape(x3.shape)
+    return np.empty(x3.shape, x3.dtype)
+
+
+def _result(
+    written: np.ndarray, shape: tuple[int, ...], out: np.ndarray | None
+) -> np.ndarray:
+    if out is None:
+        return written.reshape(shape)
+    if not np.shares_memory(written, out):
+        out[...] = written.reshape(shape)
+    return out
+
+
+def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Shifted one-pass ``(count, mean, M2)`` per channel, float64 partials."""
+    x3 = _fast_view(x, axis)
+    if x3 is None:
+        return _numpy.batch_moments(x, axis)
+    outer, _, inner = x3.shape
+    n = _chunks(x.size)
+    if inner == 1:
+        mean, m2 = _pick(_loops.moments_mc, n)(x3.reshape(x3.shape[:2]), n)
+    else:
+        mean, m2 = _pick(_loops.moments_ncs, n)(x3, n)
+    return outer * inner, mean, m2
+
+
+def normalize(
+    x: np.ndarray,
+    axis: int,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray | None,
+    out_dtype: np.dtype,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``y = (x − mean) · scale + shift`` per channel in one pass (mean first)."""
+    x3 = _fast_view(x, axis)
+    if x3 is None or np.dtype(out_dtype) != x.dtype:
+        return _numpy.normalize(x, axis, mean, scale, shift, out_dtype, out=out)
+    shift = np.zeros(x3.shape[1]) if shift is None else shift
+    y3 = _target(x3, out)
+    n = _chunks(x.size)
+    args = (_vec(mean), _vec(scale), _vec(shift))
+    if x3.shape[2] == 1:
+        shape2 = x3.shape[:2]
+        _pick(_loops.normalize_mc, n)(x3.reshape(shape2), *args, y3.reshape(shape2), n)
+    else:
+        _pick(_loops.normalize_ncs, n)(x3, *args, y3, n)
+    return _result(y3, x.shape, out)
+
+
+def _grad_sums(
+    dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    if x3.shape[2] == 1:
+        shape2 = x3.shape[:2]
+        kernel = _pick(_loops.grad_sums_mc, n)
+        return kernel(dy3.reshape(shape2), x3.reshape(shape2), mean, n)
+    return _pick(_loops.grad_sums_ncs, n)(dy3, x3, mean, n)
+
+
+@_numpy._quiet
+def backward_train(
+    dy: np.ndarray,
+    x: np.ndarray,
+    axis: int,
+    mean: np.ndarray,
+    inv_std: np.ndarray,
+    gamma: np.ndarray | None,
+    k: np.ndarray,
+    count: int,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact training-mode gradient: one reduction pass, then one pass for ``dx``."""
+    views = _pair_views(dy, x, axis)
+    if views is None:
+        return _numpy.backward_train(
+            dy, x, axis, mean, inv_std, gamma, k, count, out=out
+        )
+    dy3, x3 = views
+    n = _chunks(x.size)
+    mean, inv_std = _vec(mean), _vec(inv_std)
+    dbeta, sum_dy_xmu = _grad_sums(dy3, x3, mean, n)
+    dgamma = sum_dy_xmu * inv_std
+    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
+    dx3 = _target(x3, out)
+    args = (mean, inv_std, _vec(k * dgamma), dbeta / count, _vec(gain))
+    if x3.shape[2] == 1:
+        shape2 = x3.shape[:2]
+        _pick(_loops.dx_mc, n)(
+            dy3.reshape(shape2), x3.reshape(shape2), *args, dx3.reshape(shape2), n
+        )
+    else:
+        _pick(_loops.dx_ncs, n)(dy3, x3, *args, dx3, n)
+    return _result(dx3, x.shape, out), dgamma, dbeta
+
+
+@_numpy._quiet
+def backward_eval(
+    dy: np.ndarray,
+    x: np.ndarray,
+    axis: int,
+    mean: np.ndarray,
+    inv_std: np.ndarray,
+    gamma: np.ndarray | None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eval-mode gradient: one reduction pass, then ``dx = dy · γ · inv_std``."""
+    views = _pair_views(dy, x, axis)
+    if views is None:
+        return _numpy.backward_eval(dy, x, axis, mean, inv_std, gamma, out=out)
+    dy3, x3 = views
+    inv_std = _vec(inv_std)
+    dbeta, sum_dy_xmu = _grad_sums(dy3, x3, _vec(mean), _chunks(x.size))
+    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
+    zeros = np.zeros(x3.shape[1])
+    dx = normalize(dy, axis, zeros, gain, None, x.dtype, out=out)
+    return dx, sum_dy_xmu * inv_std, dbeta
