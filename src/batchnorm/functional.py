@@ -295,17 +295,27 @@ def backward(
     x, axis = cache.x, cache.axis
     dy = _check_dy(dy, x)
     out = _check_out(out, x, ("x", x), ("dy", dy))
-    count = cache.count
-    if cache.eps_placement == "inside":
-        k = np.full(cache.inv_std.shape, -1.0 / (count - cache.ddof))
-    else:
-        std = np.sqrt(cache.moments.var(cache.ddof))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            k = np.where(std > 0, -(1.0 + cache.eps / std) / (count - cache.ddof), 0.0)
+    k = gradient_k(cache.moments, cache.eps, cache.eps_placement, cache.ddof)
     kernels = _backend.resolve(backend)
     return kernels.backward_train(
-        dy, x, axis, cache.mean, cache.inv_std, cache.gamma, k, count, out=out
+        dy, x, axis, cache.mean, cache.inv_std, cache.gamma, k, cache.count, out=out
     )
+
+
+def gradient_k(
+    moments: Moments, eps: float, eps_placement: str, ddof: int
+) -> np.ndarray:
+    """Per-channel ``k`` of the training gradient (see :mod:`batchnorm.kernels._numpy`).
+
+    ``−1/(m − ddof)`` for ε inside the root; ``−(1 + ε/√v)/(m − ddof)`` for ε
+    outside, and 0 where ``v = 0`` (every ``x̂`` is then 0).
+    """
+    count = moments.count
+    if eps_placement == "inside":
+        return np.full(moments.num_channels, -1.0 / (count - ddof))
+    std = np.sqrt(moments.var(ddof))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(std > 0, -(1.0 + eps / std) / (count - ddof), 0.0)
 
 
 def _check_running(

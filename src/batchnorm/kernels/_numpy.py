@@ -136,12 +136,55 @@ def backward_train(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact training-mode gradient (see the module docstring for ``k``)."""
     x_hat, dgamma, dbeta = param_grads(dy, x, axis, mean, inv_std)
-    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
-    dx = x_hat * _per_channel(k * dgamma, x.ndim, axis)
-    dx += np.asarray(dy, dtype=np.float64)
-    dx -= _per_channel(dbeta / count, x.ndim, axis)
-    dx *= _per_channel(gain, x.ndim, axis)
+    dx = _apply_train(dy, x_hat, axis, inv_std, gamma, k, count, dgamma, dbeta)
     return _finish(dx, x.dtype, out), dgamma, dbeta
+
+
+@_quiet
+def backward_apply(
+    dy: np.ndarray,
+    x: np.ndarray,
+    axis: int,
+    mean: np.ndarray,
+    inv_std: np.ndarray,
+    gamma: np.ndarray | None,
+    k: np.ndarray,
+    count: int,
+    dgamma: np.ndarray,
+    dbeta: np.ndarray,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``dx`` of the training gradient from sums ``Σ dy·x̂``, ``Σ dy`` given.
+
+    The sums and ``count`` may cover more data than ``x`` (a batch split across
+    processes): this is the second half of :func:`backward_train`.
+    """
+    x_hat = np.asarray(x, dtype=np.float64) - _per_channel(mean, x.ndim, axis)
+    x_hat *= _per_channel(inv_std, x.ndim, axis)
+    dx = _apply_train(dy, x_hat, axis, inv_std, gamma, k, count, dgamma, dbeta)
+    return _finish(dx, x.dtype, out)
+
+
+def _apply_train(
+    dy: np.ndarray,
+    x_hat: np.ndarray,
+    axis: int,
+    inv_std: np.ndarray,
+    gamma: np.ndarray | None,
+    k: np.ndarray,
+    count: int,
+    dgamma: np.ndarray,
+    dbeta: np.ndarray,
+) -> np.ndarray:
+    """``γ s (dy − Σdy/m + k x̂ Σ(dy x̂))``, overwriting ``x_hat``."""
+    ndim = x_hat.ndim
+    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
+    dx = x_hat
+    dx *= _per_channel(k * dgamma, ndim, axis)
+    dx += np.asarray(dy, dtype=np.float64)
+    dx -= _per_channel(dbeta / count, ndim, axis)
+    dx *= _per_channel(gain, ndim, axis)
+    return dx
 
 
 @_quiet
