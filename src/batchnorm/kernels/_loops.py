@@ -6,9 +6,11 @@ the views and falls back to the reference for everything else):
 - ``(A, C, S)``, rows of ``S`` contiguous values per (outer index, channel): NCHW
   and any channel axis with something after it. Work is split into contiguous
   ranges of the ``A·C`` rows, one range per thread.
-- ``(M, C)``, channels last: every row holds one value of each channel. Work is
-  split into ranges of rows; each range keeps float64 partial sums per channel,
-  filled one tile of ``_TILE`` channels at a time so that they stay in L1.
+- ``(M, W)``, channels last: every row holds one value of each channel (or of
+  ``k`` consecutive rows side by side, ``W = k·C``, with the per-channel vectors
+  tiled ``k`` times: the caller folds short rows). Work is split into ranges of
+  rows; each range keeps float64 partial sums per column, filled one tile of
+  ``_TILE`` columns and four rows at a time so that they stay in L1.
 
 Every entry point takes ``num_chunks``, the number of threads to split the work
 into (never ``numba.get_num_threads()`` inside a kernel: that defeats caching),
@@ -56,7 +58,7 @@ def _jit(fn: Callable[..., Any], *, parallel: bool, fastmath: bool) -> Any:
         return numba.njit(fn, nogil=True, parallel=parallel, fastmath=flags)
 
 
-def _serial_and_parallel(
+def serial_and_parallel(
     *, fastmath: bool = False
 ) -> Callable[[Callable[..., Any]], KernelPair]:
     def compile_both(fn: Callable[..., Any]) -> KernelPair:
@@ -90,17 +92,16 @@ def column_sums(partials):
 
 @_serial
 def finish_moments(pivot, sums, squares, count):
-    """``(mean, M2)`` from shifted partial sums, shape (K, C) each."""
-    s, q = column_sums(sums), column_sums(squares)
-    mean = pivot + s / count
-    m2 = q - s * s / count
+    """``(mean, M2)`` per channel from the shifted sums ``Σd`` and ``Σd²``."""
+    mean = pivot + sums / count
+    m2 = squares - sums * sums / count
     for c in range(m2.shape[0]):
         if m2[c] < 0.0:  # rounding below an exact 0; NaN stays NaN
             m2[c] = 0.0
     return mean, m2
 
 
-@_serial_and_parallel(fastmath=True)
+@serial_and_parallel(fastmath=True)
 def moments_ncs(x, num_chunks):
     """Per-channel ``(mean, M2)`` of ``x`` viewed as (A, C, S), float64."""
     outer, channels, inner = x.shape
@@ -123,33 +124,49 @@ def moments_ncs(x, num_chunks):
                 q += d * d
             sums[a, c] = s
             squares[a, c] = q
-    return finish_moments(pivot, sums, squares, outer * inner)
+    return finish_moments(pivot, column_sums(sums), column_sums(squares), outer * inner)
 
 
-@_serial_and_parallel(fastmath=True)
-def moments_mc(x, num_chunks):
-    """Per-channel ``(mean, M2)`` of channels-last ``x``, shape (M, C), float64."""
-    rows, channels = x.shape
-    pivot = np.empty(channels)
-    for c in range(channels):
-        pivot[c] = x[0, c]
-    sums = np.zeros((num_chunks, channels))
-    squares = np.zeros((num_chunks, channels))
+@_serial
+def _shifted_sums_tile(x, pivot, lo, hi, c0, c1, sums, squares):
+    """Add ``Σd``, ``Σd²`` (``d = x − pivot``) of rows lo:hi, columns c0:c1.
+
+    Four rows per sweep, so the float64 partials are loaded and stored once per
+    four values instead of once per value.
+    """
+    p, s, q = pivot[c0:c1], sums[c0:c1], squares[c0:c1]
+    r = lo
+    while r + 4 <= hi:
+        x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
+        for j in range(c1 - c0):
+            d0, d1 = np.float64(x0[j]) - p[j], np.float64(x1[j]) - p[j]
+            d2, d3 = np.float64(x2[j]) - p[j], np.float64(x3[j]) - p[j]
+            s[j] += (d0 + d1) + (d2 + d3)
+            q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += 4
+    for rest in range(r, hi):
+        row = x[rest, c0:c1]
+        for j in range(c1 - c0):
+            d = np.float64(row[j]) - p[j]
+            s[j] += d
+            q[j] += d * d
+
+
+@serial_and_parallel(fastmath=True)
+def shifted_sums_mc(x, pivot, num_chunks):
+    """Per-column ``(Σd, Σd²)``, ``d = x − pivot``, of (M, W) ``x``, float64."""
+    rows, width = x.shape
+    sums = np.zeros((num_chunks, width))
+    squares = np.zeros((num_chunks, width))
     for chunk in prange(num_chunks):
-        s, q = sums[chunk], squares[chunk]
-        for c0 in range(0, channels, _TILE):
-            c1 = min(c0 + _TILE, channels)
-            lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-            for r in range(lo, hi):
-                row = x[r]
-                for c in range(c0, c1):
-                    d = np.float64(row[c]) - pivot[c]
-                    s[c] += d
-                    q[c] += d * d
-    return finish_moments(pivot, sums, squares, rows)
+        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
+        for c0 in range(0, width, _TILE):
+            c1 = min(c0 + _TILE, width)
+            _shifted_sums_tile(x, pivot, lo, hi, c0, c1, sums[chunk], squares[chunk])
+    return column_sums(sums), column_sums(squares)
 
 
-@_serial_and_parallel()
+@serial_and_parallel()
 def normalize_ncs(x, mean, scale, shift, out, num_chunks):
     """``out = (x − mean) · scale + shift`` per channel, x viewed as (A, C, S)."""
     outer, channels, inner = x.shape
@@ -164,8 +181,8 @@ def normalize_ncs(x, mean, scale, shift, out, num_chunks):
                 dst[j] = (np.float64(src[j]) - m) * k + b
 
 
-@_serial_and_parallel()
-def normalize_mc(x, mean, scale, shift, out, num_chunks):
+@serial_and_parallel()
+def normalize_mc(x, out, mean, scale, shift, num_chunks):
     """``out = (x − mean) · scale + shift`` per channel, channels-last (M, C)."""
     rows, channels = x.shape
     for chunk in prange(num_chunks):
@@ -176,7 +193,7 @@ def normalize_mc(x, mean, scale, shift, out, num_chunks):
                 dst[c] = (np.float64(src[c]) - mean[c]) * scale[c] + shift[c]
 
 
-@_serial_and_parallel(fastmath=True)
+@serial_and_parallel(fastmath=True)
 def grad_sums_ncs(dy, x, mean, num_chunks):
     """Per-channel ``(Σ dy, Σ dy·(x − mean))`` for (A, C, S) views, float64."""
     outer, channels, inner = x.shape
@@ -199,27 +216,51 @@ def grad_sums_ncs(dy, x, mean, num_chunks):
     return column_sums(sum_dy), column_sums(sum_dy_xmu)
 
 
-@_serial_and_parallel(fastmath=True)
+@_serial
+def _grad_sums_tile(dy, x, mean, lo, hi, c0, c1, sum_dy, sum_dy_xmu):
+    """Add ``Σdy``, ``Σdy·(x − mean)`` of rows lo:hi, columns c0:c1 (4 rows a sweep)."""
+    m, s, t = mean[c0:c1], sum_dy[c0:c1], sum_dy_xmu[c0:c1]
+    r = lo
+    while r + 4 <= hi:
+        g0, g1, g2, g3 = (
+            dy[r, c0:c1],
+            dy[r + 1, c0:c1],
+            dy[r + 2, c0:c1],
+            dy[r + 3, c0:c1],
+        )
+        x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
+        for j in range(c1 - c0):
+            a0, a1 = np.float64(g0[j]), np.float64(g1[j])
+            a2, a3 = np.float64(g2[j]), np.float64(g3[j])
+            s[j] += (a0 + a1) + (a2 + a3)
+            t[j] += (
+                a0 * (np.float64(x0[j]) - m[j]) + a1 * (np.float64(x1[j]) - m[j])
+            ) + (a2 * (np.float64(x2[j]) - m[j]) + a3 * (np.float64(x3[j]) - m[j]))
+        r += 4
+    for rest in range(r, hi):
+        g, src = dy[rest, c0:c1], x[rest, c0:c1]
+        for j in range(c1 - c0):
+            s[j] += np.float64(g[j])
+            t[j] += np.float64(g[j]) * (np.float64(src[j]) - m[j])
+
+
+@serial_and_parallel(fastmath=True)
 def grad_sums_mc(dy, x, mean, num_chunks):
-    """Per-channel ``(Σ dy, Σ dy·(x − mean))`` for channels-last (M, C), float64."""
-    rows, channels = x.shape
-    sum_dy = np.zeros((num_chunks, channels))
-    sum_dy_xmu = np.zeros((num_chunks, channels))
+    """Per-column ``(Σ dy, Σ dy·(x − mean))`` of (M, W) arrays, float64."""
+    rows, width = x.shape
+    sum_dy = np.zeros((num_chunks, width))
+    sum_dy_xmu = np.zeros((num_chunks, width))
     for chunk in prange(num_chunks):
-        s, t = sum_dy[chunk], sum_dy_xmu[chunk]
-        for c0 in range(0, channels, _TILE):
-            c1 = min(c0 + _TILE, channels)
-            lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-            for r in range(lo, hi):
-                g, src = dy[r], x[r]
-                for c in range(c0, c1):
-                    gc = np.float64(g[c])
-                    s[c] += gc
-                    t[c] += gc * (np.float64(src[c]) - mean[c])
+        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
+        for c0 in range(0, width, _TILE):
+            c1 = min(c0 + _TILE, width)
+            _grad_sums_tile(
+                dy, x, mean, lo, hi, c0, c1, sum_dy[chunk], sum_dy_xmu[chunk]
+            )
     return column_sums(sum_dy), column_sums(sum_dy_xmu)
 
 
-@_serial_and_parallel()
+@serial_and_parallel()
 def dx_ncs(dy, x, mean, inv_std, k_dgamma, dbeta_mean, gain, out, num_chunks):
     """``dx = ((x − mean)·inv_std·k_dgamma + dy − dbeta_mean)·gain``, (A, C, S)."""
     outer, channels, inner = x.shape
@@ -235,8 +276,8 @@ def dx_ncs(dy, x, mean, inv_std, k_dgamma, dbeta_mean, gain, out, num_chunks):
                 dst[j] = (x_hat * kd + np.float64(g[j]) - v) * w
 
 
-@_serial_and_parallel()
-def dx_mc(dy, x, mean, inv_std, k_dgamma, dbeta_mean, gain, out, num_chunks):
+@serial_and_parallel()
+def dx_mc(dy, x, out, mean, inv_std, k_dgamma, dbeta_mean, gain, num_chunks):
     """``dx = ((x − mean)·inv_std·k_dgamma + dy − dbeta_mean)·gain``, (M, C)."""
     rows, channels = x.shape
     for chunk in prange(num_chunks):

@@ -47,6 +47,8 @@ __all__ = [
 #: launch costs about as much as streaming this many float32 values).
 PARALLEL_MIN_SIZE = 1 << 16
 
+#: Channels-last rows shorter than this are folded together (see ``_folds``).
+_FOLD_WIDTH = 512
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _num_threads: int | None = None
 
@@ -144,6 +146,44 @@ def _result(
     return out
 
 
+def _folds(rows: int, channels: int, size: int) -> tuple[int, int]:
+    """``(k, main)``: rows ``:main`` of an (M, C) array run as (main/k, k·C).
+
+    Short channels-last rows (C = 64 is 256 bytes) cost a loop start each; ``k``
+    consecutive rows side by side form rows of ``_FOLD_WIDTH`` or more values,
+    with the per-channel vectors tiled ``k`` times. Small tensors are not folded.
+    """
+    if size < PARALLEL_MIN_SIZE or channels >= _FOLD_WIDTH:
+        return 1, rows
+    k = min(rows, _FOLD_WIDTH // channels)
+    return k, rows - rows % k
+
+
+def _channels_last(
+    pair: _loops.KernelPair,
+    n: int,
+    arrays: tuple[np.ndarray, ...],
+    vectors: tuple[np.ndarray, ...],
+) -> Any:
+    """Run a channels-last loop on (M, C) ``arrays`` (inputs, then any output).
+
+    Reductions return per-column sums; they are added back per channel.
+    """
+    rows, channels = arrays[0].shape
+    k, main = _folds(rows, channels, arrays[0].size)
+    if k == 1:
+        return _pick(pair, n)(*arrays, *vectors, n)
+    folded = [a[:main].reshape(main // k, k * channels) for a in arrays]
+    result = _pick(pair, n)(*folded, *[np.tile(v, k) for v in vectors], n)
+    if result is not None:
+        result = [r.reshape(k, channels).sum(axis=0) for r in result]
+    if main < rows:
+        rest = pair.serial(*[a[main:] for a in arrays], *vectors, 1)
+        if result is not None:
+            result = [r + extra for r, extra in zip(result, rest, strict=True)]
+    return result
+
+
 def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Shifted one-pass ``(count, mean, M2)`` per channel, float64 partials."""
     x3 = _fast_view(x, axis)
@@ -152,7 +192,10 @@ def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray
     outer, _, inner = x3.shape
     n = _chunks(x.size)
     if inner == 1:
-        mean, m2 = _pick(_loops.moments_mc, n)(x3.reshape(x3.shape[:2]), n)
+        x2 = x3.reshape(x3.shape[:2])
+        pivot = x2[0].astype(np.float64)
+        sums, squares = _channels_last(_loops.shifted_sums_mc, n, (x2,), (pivot,))
+        mean, m2 = _loops.finish_moments(pivot, sums, squares, outer)
     else:
         mean, m2 = _pick(_loops.moments_ncs, n)(x3, n)
     return outer * inner, mean, m2
@@ -174,12 +217,13 @@ def normalize(
     shift = np.zeros(x3.shape[1]) if shift is None else shift
     y3 = _target(x3, out)
     n = _chunks(x.size)
-    args = (_vec(mean), _vec(scale), _vec(shift))
+    vectors = (_vec(mean), _vec(scale), _vec(shift))
     if x3.shape[2] == 1:
         shape2 = x3.shape[:2]
-        _pick(_loops.normalize_mc, n)(x3.reshape(shape2), *args, y3.reshape(shape2), n)
+        arrays = (x3.reshape(shape2), y3.reshape(shape2))
+        _channels_last(_loops.normalize_mc, n, arrays, vectors)
     else:
-        _pick(_loops.normalize_ncs, n)(x3, *args, y3, n)
+        _pick(_loops.normalize_ncs, n)(x3, *vectors, y3, n)
     return _result(y3, x.shape, out)
 
 
@@ -188,9 +232,10 @@ def _grad_sums(
 ) -> tuple[np.ndarray, np.ndarray]:
     if x3.shape[2] == 1:
         shape2 = x3.shape[:2]
-        kernel = _pick(_loops.grad_sums_mc, n)
-        return kernel(dy3.reshape(shape2), x3.reshape(shape2), mean, n)
-    return _pick(_loops.grad_sums_ncs, n)(dy3, x3, mean, n)
+        arrays = (dy3.reshape(shape2), x3.reshape(shape2))
+        sum_dy, sum_dy_xmu = _channels_last(_loops.grad_sums_mc, n, arrays, (mean,))
+        return sum_dy, sum_dy_xmu
+    return _pick(_loops.grad_sums_ncs, n)(dy3, x3, mean, n)  # type: ignore[no-any-return]
 
 
 @_numpy._quiet
@@ -221,9 +266,8 @@ def backward_train(
     args = (mean, inv_std, _vec(k * dgamma), dbeta / count, _vec(gain))
     if x3.shape[2] == 1:
         shape2 = x3.shape[:2]
-        _pick(_loops.dx_mc, n)(
-            dy3.reshape(shape2), x3.reshape(shape2), *args, dx3.reshape(shape2), n
-        )
+        arrays = (dy3.reshape(shape2), x3.reshape(shape2), dx3.reshape(shape2))
+        _channels_last(_loops.dx_mc, n, arrays, args)
     else:
         _pick(_loops.dx_ncs, n)(dy3, x3, *args, dx3, n)
     return _result(dx3, x.shape, out), dgamma, dbeta

@@ -1,0 +1,471 @@
+"""Numba kernels against the NumPy reference: every op, layout, dtype, thread count.
+
+Tolerances follow from how each value is computed, not from what passed:
+
+- ``normalize`` (forward ``y``, eval ``dx``) evaluates ``(x − mean)·scale + shift``
+  in float64 in the reference's order with no fused multiply-add and rounds once,
+  so given the same per-channel vectors it is bit-identical: compared exactly.
+- Reductions (``mean``, ``M2``, ``dgamma``, ``dbeta``) are float64 sums in another
+  order. Recursive summation of ``n`` terms errs by at most ``n·u·Σ|terms|``
+  (u = 2⁻⁵³; Higham, Accuracy and Stability, §4.2), for each implementation, so
+  they must agree within ``2·n·u·Σ|terms|`` per channel. For ``M2`` from shifted
+  sums that is ``Σd²`` with ``d = x − pivot`` (the first value of the channel).
+- ``dx`` in training uses those reductions, so it may differ by one rounding of
+  the output dtype (one ulp) plus the reductions' float64 discrepancy.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+import batchnorm as bn  # noqa: E402
+from batchnorm.kernels import _numba, _numpy  # noqa: E402
+
+F = bn.functional
+U64 = 2.0**-53
+
+# (id, shape, axis, transform). Sizes from 65536 values up take the parallel loops;
+# "cl fold" has C = 37, so 13 rows fold into one and 4099 % 13 = 4 rows remain.
+LAYOUTS = [
+    ("2d", (64, 5), 1, None),
+    ("3d", (16, 4, 9), 1, None),
+    ("nchw", (8, 3, 5, 7), 1, None),
+    ("5d", (4, 3, 2, 5, 6), 1, None),
+    ("channels-last", (8, 5, 7, 3), -1, None),
+    ("axis middle 5d", (4, 2, 3, 5, 6), 2, None),
+    ("C=1", (16, 1, 4, 4), 1, None),
+    ("m=2", (2, 6), 1, None),
+    ("strided", (8, 3, 10), 1, lambda a: a[:, :, ::2]),
+    ("fortran", (8, 3, 5, 4), 1, np.asfortranarray),
+    ("nchw parallel", (4, 3, 80, 80), 1, None),
+    ("cl fold parallel", (4099, 37), 1, None),
+    ("cl wide parallel", (70, 1030), 1, None),
+    ("short rows parallel", (5000, 7, 2), 1, None),
+    ("channels-last parallel", (16, 20, 20, 16), -1, None),
+]
+DTYPES = [np.float16, np.float32, np.float64]
+
+
+@pytest.fixture(params=[1, 2], ids=["threads=1", "threads=2"])
+def threads(request):
+    _numba.set_num_threads(min(request.param, _numba._max_threads()))
+    yield request.param
+    _numba.set_num_threads(None)
+
+
+def make(shape, axis, transform, dtype, *, mean=3.0, std=2.0, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(mean, std, size=shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    if transform is not None:
+        x, dy = transform(x), transform(dy)
+    c = x.shape[axis]
+    return rng, x, dy, c, axis % x.ndim
+
+
+def channel_sums(values, axis):
+    axes = tuple(a for a in range(values.ndim) if a != axis)
+    return np.asarray(values, np.float64).sum(axis=axes)
+
+
+def per_channel(vec, x, axis):
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return vec.reshape(shape)
+
+
+def assert_sums_close(actual, expected, abs_terms, count):
+    """|actual − expected| ≤ 2·n·u·Σ|terms| per channel (summation error bound)."""
+    bound = 2 * count * U64 * abs_terms
+    assert np.all(np.abs(actual - expected) <= bound), (actual, expected, bound)
+
+
+def first_per_channel(x, axis):
+    """The first value of every channel in memory order: the kernels' pivot."""
+    return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("name", "shape", "axis", "transform"), LAYOUTS)
+def test_batch_moments(threads, name, shape, axis, transform, dtype):
+    _, x, _, _, axis = make(shape, axis, transform, dtype, mean=1e4, std=1.0)
+    count, mean, m2 = _numba.batch_moments(x, axis)
+    count_ref, mean_ref, m2_ref = _numpy.batch_moments(x, axis)
+    assert count == count_ref
+    x64 = x.astype(np.float64)
+    d = x64 - per_channel(first_per_channel(x64, axis), x64, axis)
+    abs_x, abs_d = channel_sums(np.abs(x64), axis), channel_sums(np.abs(d), axis)
+    assert_sums_close(mean * count, mean_ref * count, abs_x + abs_d, count)
+    assert_sums_close(m2, m2_ref, channel_sums(d * d, axis), count)
+
+
+@pytest.mark.parametrize("with_shift", [True, False], ids=["beta", "no beta"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("name", "shape", "axis", "transform"), LAYOUTS)
+def test_normalize_is_bit_identical(
+    threads, name, shape, axis, transform, dtype, with_shift
+):
+    rng, x, _, c, axis = make(shape, axis, transform, dtype)
+    mean, scale = rng.normal(3.0, 1.0, c), rng.uniform(0.2, 2.0, c)
+    shift = rng.normal(size=c).astype(np.float32) if with_shift else None
+    y = _numba.normalize(x, axis, mean, scale, shift, x.dtype)
+    y_ref = _numpy.normalize(x, axis, mean, scale, shift, x.dtype)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    np.testing.assert_array_equal(y, y_ref)
+
+
+def gradient_inputs(rng, x, c, axis):
+    count, mean, m2 = _numpy.batch_moments(x, axis)
+    inv_std = 1.0 / np.sqrt(m2 / count + 1e-6)
+    gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    return count, mean, inv_std, gamma
+
+
+def assert_param_grads_close(dgamma, dbeta, dy, x, mean, inv_std, axis, count):
+    dy64 = dy.astype(np.float64)
+    x_hat = (x.astype(np.float64) - per_channel(mean, x, axis)) * per_channel(
+        inv_std, x, axis
+    )
+    _, dgamma_ref, dbeta_ref = _numpy.param_grads(dy, x, axis, mean, inv_std)
+    assert_sums_close(dbeta, dbeta_ref, channel_sums(np.abs(dy64), axis), count)
+    # dgamma is inv_std · Σ dy·(x − mean) here and Σ dy·x̂ there: one more rounding.
+    abs_terms = channel_sums(np.abs(dy64 * x_hat), axis)
+    assert_sums_close(dgamma, dgamma_ref, abs_terms * (1 + 4 / count), count)
+    return dgamma_ref, dbeta_ref, abs_terms
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("name", "shape", "axis", "transform"), LAYOUTS)
+def test_backward_train(threads, name, shape, axis, transform, dtype):
+    rng, x, dy, c, axis = make(shape, axis, transform, dtype)
+    count, mean, inv_std, gamma = gradient_inputs(rng, x, c, axis)
+    k = np.full(c, -1.0 / count)
+    dx, dgamma, dbeta = _numba.backward_train(
+        dy, x, axis, mean, inv_std, gamma, k, count
+    )
+    dx_ref, _, _ = _numpy.backward_train(dy, x, axis, mean, inv_std, gamma, k, count)
+    _, _, abs_terms = assert_param_grads_close(
+        dgamma, dbeta, dy, x, mean, inv_std, axis, count
+    )
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    # One rounding of the output dtype, plus the float64 discrepancy of the
+    # per-channel constants Σdy/m and k·Σdy·x̂ carried through x̂ and γ·inv_std.
+    ulp = np.finfo(dtype).eps
+    gain = per_channel(inv_std * gamma, x, axis)
+    x_hat = np.abs(x.astype(np.float64) - per_channel(mean, x, axis)) * per_channel(
+        inv_std, x, axis
+    )
+    carried = (
+        gain
+        * (1 + x_hat)
+        * per_channel(
+            4 * count * U64 * (abs_terms + channel_sums(np.abs(dy), axis)) / count,
+            x,
+            axis,
+        )
+    )
+    bound = ulp * np.abs(dx_ref.astype(np.float64)) + carried
+    assert np.all(np.abs(dx.astype(np.float64) - dx_ref) <= bound)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("name", "shape", "axis", "transform"), LAYOUTS)
+def test_backward_eval(threads, name, shape, axis, transform, dtype):
+    rng, x, dy, c, axis = make(shape, axis, transform, dtype)
+    count, mean, inv_std, gamma = gradient_inputs(rng, x, c, axis)
+    dx, dgamma, dbeta = _numba.backward_eval(dy, x, axis, mean, inv_std, gamma)
+    dx_ref, _, _ = _numpy.backward_eval(dy, x, axis, mean, inv_std, gamma)
+    np.testing.assert_array_equal(dx, dx_ref)  # dy · (γ·inv_std): same float64 op
+    assert_param_grads_close(dgamma, dbeta, dy, x, mean, inv_std, axis, count)
+
+
+# -- accuracy at large means ---------------------------------------------------
+ACCURACY_LAYOUTS = [
+    ("nchw", (16, 8, 24, 24), 1),
+    ("channels-last", (16, 24, 24, 8), -1),
+    ("2d", (4096, 64), 1),
+    ("axis middle 5d", (8, 4, 6, 10, 10), 2),
+]
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e4, 1e6])
+@pytest.mark.parametrize(("name", "shape", "axis"), ACCURACY_LAYOUTS)
+def test_float32_variance_accuracy_at_large_means(threads, name, shape, axis, mean):
+    """The issue's bar: relative variance error ≤ 1e-6 against float64."""
+    x = (mean + np.random.default_rng(1).standard_normal(shape)).astype(np.float32)
+    axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    var_ref = x.astype(np.float64).var(axis=axes)
+    _, cache = F.forward_train(x, None, None, axis=axis, backend="numba")
+    assert np.max(np.abs(cache.var - var_ref) / var_ref) <= 1e-6
+
+
+# -- out= -------------------------------------------------------------------------
+BACKENDS = ["numpy", "numba"]
+OUT_LAYOUTS = [LAYOUTS[2], LAYOUTS[4], LAYOUTS[8], LAYOUTS[10], LAYOUTS[11]]
+
+
+def run_op(op, x, dy, gamma, beta, axis, backend, out=None):
+    c = x.shape[axis]
+    running_mean, running_var = np.full(c, 3.0), np.full(c, 4.0)
+    if op == "forward_train":
+        return F.forward_train(x, gamma, beta, axis=axis, backend=backend, out=out)[0]
+    if op == "forward_eval":
+        return F.forward_eval(
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            axis=axis,
+            backend=backend,
+            out=out,
+        )
+    if op == "backward":
+        _, cache = F.forward_train(x, gamma, beta, axis=axis, backend=backend)
+        return F.backward(dy, cache, backend=backend, out=out)[0]
+    return F.backward_eval(
+        dy, x, gamma, running_mean, running_var, axis=axis, backend=backend, out=out
+    )[0]
+
+
+OPS = ["forward_train", "forward_eval", "backward", "backward_eval"]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("name", "shape", "axis", "transform"), OUT_LAYOUTS)
+def test_out_gives_the_allocating_result(
+    threads, op, backend, name, shape, axis, transform
+):
+    rng, x, dy, c, axis = make(shape, axis, transform, np.float32)
+    gamma, beta = rng.uniform(0.5, 1.5, c), rng.normal(size=c)
+    expected = run_op(op, x, dy, gamma, beta, axis, backend)
+    for out in (np.empty_like(x, order="C"), np.empty(x.shape[::-1], x.dtype).T):
+        out[...] = np.nan
+        result = run_op(op, x, dy, gamma, beta, axis, backend, out=out)
+        assert result is out
+        np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_eval_empty_batch_returns_out(backend):
+    x = np.empty((0, 3), np.float32)
+    out = np.empty_like(x)
+    y = F.forward_eval(x, None, None, np.zeros(3), np.ones(3), backend=backend, out=out)
+    assert y is out
+
+
+X = np.random.default_rng(0).normal(size=(4, 3, 5)).astype(np.float32)
+DY = np.ones_like(X)
+_, CACHE = F.forward_train(X, None, None, backend="numpy")
+RUNNING = (np.zeros(3), np.ones(3))
+READ_ONLY = np.empty_like(X)
+READ_ONLY.flags.writeable = False
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (
+            lambda: F.forward_train(X, None, None, out=np.empty((4, 3))),
+            ValueError,
+            r"out must have the shape of x \(4, 3, 5\); got \(4, 3\)",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, out=np.empty(X.shape)),
+            TypeError,
+            r"out must have the dtype of x \(float32\); got float64",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, out=READ_ONLY),
+            ValueError,
+            "out must be writeable",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, out=X),
+            ValueError,
+            "out must not share memory with x",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, out=X.tolist()),
+            TypeError,
+            "out must be a numpy.ndarray or None; got list",
+        ),
+        (
+            lambda: F.forward_eval(X, None, None, *RUNNING, out=X[::-1]),
+            ValueError,
+            "out must not share memory with x",
+        ),
+        (
+            lambda: F.backward(DY, CACHE, out=DY),
+            ValueError,
+            "out must not share memory with dy",
+        ),
+        (
+            lambda: F.backward(DY, CACHE, out=X),
+            ValueError,
+            "out must not share memory with x",
+        ),
+        (
+            lambda: F.backward_eval(DY, X, None, *RUNNING, out=DY),
+            ValueError,
+            "out must not share memory with dy",
+        ),
+        (
+            lambda: F.backward_eval(DY, X, None, *RUNNING, out=np.empty((3,))),
+            ValueError,
+            "out must have the shape of x",
+        ),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_out_raises(call, error, match, backend, monkeypatch):
+    monkeypatch.setenv("BATCHNORM_BACKEND", backend)
+    with pytest.raises(error, match=match):
+        call()
+
+
+# -- fallback and edge values ------------------------------------------------------
+def test_fallback_covers_bfloat16_non_native_order_and_mixed_dtypes():
+    """Inputs the loops do not cover give the reference's result, bit for bit."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.random.default_rng(0).normal(2.0, 1.0, (6, 3, 4))
+    cases = [
+        (x.astype(ml_dtypes.bfloat16), x.astype(ml_dtypes.bfloat16)),
+        (x.astype(">f4"), x.astype(">f4")),
+        (x.astype(np.float32), x.astype(np.float64)),  # dy of another dtype
+    ]
+    for xs, dy in cases:
+        count, mean, m2 = _numpy.batch_moments(xs, 1)
+        if xs.dtype != np.float32:
+            got = _numba.batch_moments(xs, 1)
+            for a, b in zip(got, (count, mean, m2), strict=True):
+                np.testing.assert_array_equal(a, b)
+        inv_std, k = 1.0 / np.sqrt(m2 / count + 1e-6), np.full(3, -1.0 / count)
+        args = (dy, xs, 1, mean, inv_std, None, k, count)
+        for got, want in zip(
+            _numba.backward_train(*args), _numpy.backward_train(*args), strict=True
+        ):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_non_finite_values_stay_in_their_channel(threads):
+    x = np.random.default_rng(0).normal(size=(8, 4, 50, 50)).astype(np.float32)
+    x[3, 1, 2, 2] = np.nan
+    x[5, 2, 0, 0] = np.inf
+    _, mean, m2 = _numba.batch_moments(x, 1)
+    _, mean_ref, m2_ref = _numpy.batch_moments(x, 1)
+    finite = [0, 3]
+    assert np.isnan(mean[1]) and not np.isfinite(mean[2])
+    assert not np.isfinite(m2[1]) and not np.isfinite(m2[2])
+    np.testing.assert_allclose(mean[finite], mean_ref[finite], rtol=1e-12)
+    np.testing.assert_allclose(m2[finite], m2_ref[finite], rtol=1e-12)
+
+
+def test_constant_channel_has_exactly_zero_m2(threads):
+    x = np.full((64, 2, 40, 40), 1e6 + 0.5, np.float32)
+    _, mean, m2 = _numba.batch_moments(x, 1)
+    np.testing.assert_array_equal(mean, np.float32(1e6 + 0.5))
+    np.testing.assert_array_equal(m2, 0.0)
+
+
+# -- threads -------------------------------------------------------------------------
+def test_thread_count_from_env_and_setter(monkeypatch):
+    monkeypatch.setenv("BATCHNORM_NUM_THREADS", "1")
+    assert _numba.get_num_threads() == 1
+    _numba.set_num_threads(_numba._max_threads())
+    try:
+        assert _numba.get_num_threads() == _numba._max_threads()
+    finally:
+        _numba.set_num_threads(None)
+    monkeypatch.delenv("BATCHNORM_NUM_THREADS")
+    assert _numba.get_num_threads() == _numba._max_threads()
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (0, ValueError, r"num_threads must be between 1 and \d+"),
+        (10**6, ValueError, r"num_threads must be between 1 and \d+ \(NUMBA_NUM"),
+        ("2", TypeError, "num_threads must be an int; got str"),
+        (True, TypeError, "num_threads must be an int; got bool"),
+    ],
+)
+def test_bad_thread_count_raises(value, error, match):
+    with pytest.raises(error, match=match):
+        _numba.set_num_threads(value)
+
+
+def test_bad_thread_env_raises(monkeypatch):
+    monkeypatch.setenv("BATCHNORM_NUM_THREADS", "many")
+    with pytest.raises(ValueError, match="BATCHNORM_NUM_THREADS must be an int"):
+        _numba.get_num_threads()
+    monkeypatch.setenv("BATCHNORM_NUM_THREADS", "0")
+    with pytest.raises(ValueError, match="BATCHNORM_NUM_THREADS must be between 1"):
+        _numba.get_num_threads()
+
+
+# -- the layer's buffers ---------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_reuse_buffers(backend):
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(8, 3, 6, 6)).astype(np.float32) for _ in range(2)]
+    dys = [rng.normal(size=x.shape).astype(np.float32) for x in xs]
+    fresh = bn.BatchNorm(3, backend=backend)
+    reusing = bn.BatchNorm(3, backend=backend, reuse_buffers=True)
+    outputs = []
+    for x, dy in zip(xs, dys, strict=True):
+        y_ref, y = fresh(x), reusing(x)
+        np.testing.assert_array_equal(y, y_ref)
+        dx_ref, dx = fresh.backward(dy), reusing.backward(dy)
+        np.testing.assert_array_equal(dx, dx_ref)
+        outputs.append((y, dx, y_ref, dx_ref))
+    (y0, dx0, y0_ref, dx0_ref), (y1, dx1, y1_ref, dx1_ref) = outputs
+    assert y1 is y0 and dx1 is dx0  # the documented trade: the first call's arrays
+    assert y0_ref is not y1_ref and dx0_ref is not dx1_ref
+    reusing.eval()
+    assert reusing(xs[0]) is y0
+    np.testing.assert_array_equal(y0, fresh.eval()(xs[0]))
+
+
+def test_layer_reuse_buffers_never_writes_over_its_input():
+    layer = bn.BatchNorm(3, reuse_buffers=True)
+    x = np.random.default_rng(0).normal(5.0, 2.0, size=(8, 3, 4)).astype(np.float32)
+    y = layer(x)
+    y_again = layer(y)  # the previous output as input: a new buffer, not an error
+    assert y_again is not y
+    np.testing.assert_allclose(y_again, bn.BatchNorm(3)(y.copy()), atol=1e-6)
+
+
+# -- import and cache --------------------------------------------------------------
+def _python(code, **env):
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
+    )
+    return result.stdout.strip()
+
+
+def test_import_batchnorm_does_not_import_numba():
+    code = "import sys, batchnorm; print('numba' in sys.modules)"
+    assert _python(code) == "False"
+
+
+def test_kernels_cache_to_numba_cache_dir(tmp_path):
+    code = (
+        "import numpy as np, batchnorm as bn;"
+        "bn.functional.forward_train(np.ones((4, 2, 3), np.float32), None, None,"
+        " backend='numba')"
+    )
+    _python(code, NUMBA_CACHE_DIR=str(tmp_path))
+    assert any(p.suffix == ".nbi" for p in tmp_path.rglob("*"))
