@@ -204,6 +204,29 @@ class BatchNorm:
             )
         return cls(num_features, **{**PRESETS[name], **overrides})
 
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this layer (without its state).
+
+        >>> BatchNorm(**BatchNorm.from_preset("keras", 2).config()).eps
+        0.001
+        """
+        return {
+            "num_features": self.num_features,
+            "axis": self.axis,
+            "eps": self.eps,
+            "momentum": self.momentum,
+            "running_var_kind": self.running_var_kind,
+            "affine": self.affine,
+            "eps_placement": self.eps_placement,
+            "ddof": self.ddof,
+            "on_nonfinite": self.on_nonfinite,
+            "initial_running_mean": self.initial_running_mean,
+            "initial_running_var": self.initial_running_var,
+            "dtype": self.dtype.name,
+            "backend": self.backend,
+            "reuse_buffers": self.reuse_buffers,
+        }
+
     # -- modes ------------------------------------------------------------------
     def train(self) -> BatchNorm:
         """Normalize with batch statistics and update the running ones."""

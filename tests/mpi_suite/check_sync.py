@@ -1,0 +1,143 @@
+"""SyncBatchNorm under mpiexec: equal to one process on the concatenated batch.
+
+Run by tests/test_distributed.py as
+``mpiexec -n N python -m pytest tests/mpi_suite/check_sync.py``; every rank runs
+every test, in the same order, so the collectives line up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+from batchnorm.distributed import SyncBatchNorm, SyncError
+
+MPI = pytest.importorskip("mpi4py.MPI")
+COMM = MPI.COMM_WORLD
+RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
+
+
+def shard_bounds(sizes):
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+    return int(edges[RANK]), int(edges[RANK + 1])
+
+
+SHARDINGS = {
+    "even": [4] * SIZE,
+    "uneven": [1 + 3 * r for r in range(SIZE)],
+    "rank 0 empty": [0] + [5] * (SIZE - 1),
+    "one value on rank 0": [1] + [3] * (SIZE - 1),
+}
+TOLERANCE = {np.float64: 1e-12, np.float32: 1e-6}
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS.values(), ids=SHARDINGS.keys())
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(("shape", "axis"), [((3, 6, 5), 1), ((4, 3, 3, 2), -1)])
+@pytest.mark.parametrize("preset", ["seed", "darknet"])
+def test_sync_equals_single_process(sharding, dtype, shape, axis, preset):
+    rng = np.random.default_rng(42)  # the same global data on every rank
+    total = sum(sharding)
+    c = shape[axis]
+    options = {"momentum": 0.9, "dtype": dtype, "backend": "numpy"}
+    if preset == "darknet":
+        options.update(eps_placement="outside", ddof=1)
+    single = bn.BatchNorm(c, axis=axis, **options)
+    sync = SyncBatchNorm(c, axis=axis, timeout=30, **options)
+    gamma = rng.uniform(0.5, 2.0, c).astype(dtype)
+    beta = rng.normal(size=c).astype(dtype)
+    for layer in (single, sync):
+        layer.gamma[:], layer.beta[:] = gamma, beta
+    lo, hi = shard_bounds(sharding)
+    tol = TOLERANCE[dtype]
+    for step in range(3):
+        x = rng.normal(3.0 * step, 2.0, (total, *shape[1:])).astype(dtype)
+        dy = rng.normal(size=x.shape).astype(dtype)
+        y_full = single(x)
+        dx_full = single.backward(dy)
+        y = sync(x[lo:hi])
+        dx = sync.backward(dy[lo:hi])
+        scale = np.abs(dx_full).max()
+        np.testing.assert_allclose(y, y_full[lo:hi], rtol=tol, atol=tol)
+        np.testing.assert_allclose(dx, dx_full[lo:hi], rtol=tol, atol=tol * scale)
+        grad_gamma = COMM.allreduce(sync.grad_gamma.astype(np.float64))
+        grad_beta = COMM.allreduce(sync.grad_beta.astype(np.float64))
+        np.testing.assert_allclose(grad_gamma, single.grad_gamma, rtol=tol, atol=tol)
+        np.testing.assert_allclose(grad_beta, single.grad_beta, rtol=tol, atol=tol)
+        np.testing.assert_allclose(
+            sync.running_mean, single.running_mean, rtol=tol, atol=tol
+        )
+        np.testing.assert_allclose(sync.running_var, single.running_var, rtol=tol)
+        assert sync.num_values_seen == single.num_values_seen
+    # Running statistics are bitwise identical on every rank.
+    everyone = COMM.allgather((sync.running_mean.tobytes(), sync.running_var.tobytes()))
+    assert all(item == everyone[0] for item in everyone)
+
+
+def test_eval_mode_communicates_nothing():
+    sync = SyncBatchNorm(3, timeout=30, backend="numpy")
+    sync(np.random.default_rng(RANK).normal(size=(4, 3)))
+    before = sync.collectives
+    sync.eval()
+    x = np.random.default_rng(RANK).normal(size=(RANK + 1, 3))  # any size, even 1
+    y = sync(x)
+    sync.backward(np.ones_like(y))
+    assert sync.collectives == before
+    COMM.Barrier()
+
+
+def test_communication_volume():
+    c = 5
+    sync = SyncBatchNorm(c, timeout=30, backend="numpy")
+    x = np.random.default_rng(0).normal(size=(4, c, 2))
+    sync(x)  # first call also agrees on C (8 bytes)
+    sync.backward(x)
+    first = sync.bytes_sent
+    sync(x)
+    sync.backward(x)
+    assert sync.bytes_sent - first == 2 * (2 * c + 1) * 8
+    assert sync.collectives == 5
+
+
+def test_too_few_values_overall_is_an_error_on_every_rank():
+    sync = SyncBatchNorm(2, timeout=30, backend="numpy")
+    x = np.ones((1 if RANK == 0 else 0, 2))
+    with pytest.raises(
+        ValueError,
+        match=r"at least 2 values per channel over all "
+        r"ranks; the global batch has m = 1",
+    ):
+        sync(x)
+
+
+def test_mismatched_num_features_is_an_error_on_every_rank():
+    c = 3 if RANK == 0 else 4
+    sync = SyncBatchNorm(c, timeout=30, backend="numpy")
+    with pytest.raises(SyncError, match="ranks disagree on num_features"):
+        sync(np.ones((2, c)))
+
+
+def test_backward_without_forward_on_one_rank():
+    sync = SyncBatchNorm(2, timeout=30, backend="numpy")
+    x = np.random.default_rng(RANK).normal(size=(3, 2))
+    if RANK == 0:
+        with pytest.raises(RuntimeError, match=r"backward\(\) called before forward"):
+            sync.backward(x)
+    else:
+        with pytest.raises(
+            SyncError,
+            match=r"rank\(s\) \[0\] called backward\(\) "
+            r"without a forward pass",
+        ):
+            sync(x)
+
+
+def test_conversion_round_trip():
+    layer = bn.BatchNorm.from_preset("torch", 3, backend="numpy")
+    layer(np.random.default_rng(0).normal(size=(4, 3)))
+    sync = SyncBatchNorm.from_layer(layer, timeout=30)
+    assert sync.momentum == 0.9 and sync.num_batches_tracked == 1
+    back = sync.to_layer()
+    assert type(back) is bn.BatchNorm
+    np.testing.assert_array_equal(back.running_var, layer.running_var)
