@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,8 @@ def run_mpi(
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_sync_batchnorm_suite(ranks):
+@pytest.mark.parametrize("suite", ["check_sync.py", "check_data_parallel.py"])
+def test_mpi_suite(suite, ranks):
     result = run_mpi(
         ranks,
         "-m",
@@ -50,8 +53,52 @@ def test_sync_batchnorm_suite(ranks):
         "-p",
         "no:cacheprovider",
         "--color=no",
-        str(SUITE / "check_sync.py"),
+        str(SUITE / suite),
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert result.stdout.count(" passed") == ranks, result.stdout[-2000:]
     assert " failed" not in result.stdout
+
+
+def test_stalled_rank_raises_within_the_deadline():
+    start = time.monotonic()
+    result = run_mpi(2, str(SUITE / "stalled_rank.py"), "stall", timeout=120)
+    elapsed = time.monotonic() - start
+    assert "SyncError after 2." in result.stdout, result.stdout + result.stderr
+    assert "rank 0 waited 2 s for the other 1 rank(s), which never joined" in (
+        result.stdout
+    )
+    assert result.returncode != 0
+    assert elapsed < 50  # the stalled rank sleeps 60 s: the abort ended it
+
+
+def test_dead_rank_ends_the_job():
+    start = time.monotonic()
+    result = run_mpi(2, str(SUITE / "stalled_rank.py"), "die", timeout=120)
+    assert result.returncode != 0
+    assert "no error" not in result.stdout
+    assert time.monotonic() - start < 50
+
+
+def test_train_command_under_mpiexec():
+    pytest.importorskip("sklearn")
+    result = run_mpi(
+        2,
+        "-m",
+        "batchnorm.cli",
+        "train",
+        "--json",
+        "--model",
+        "mlp",
+        "--steps",
+        "20",
+        "--batch-size",
+        "31",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["ranks"] == 2 and report["shard_sizes"] == [16, 15]
+    assert report["parameters_identical_on_all_ranks"] is True
+    # 2 BN layers × (forward + backward) × (2C + 1) float64, C = 100
+    assert report["bn_bytes_per_step"] >= 2 * 2 * 201 * 8
+    assert report["test_accuracy"] > 0.5

@@ -13,6 +13,7 @@ COMMANDS = {
     "example": ("batchnorm._example", "run a short example of the functional API"),
     "demo": ("batchnorm.demo", "train on the digits with and without BN; write plots"),
     "bench": ("batchnorm.bench", "quick kernel benchmark against the floor and torch"),
+    "train": ("batchnorm._train_command", "data-parallel training over MPI (mpiexec)"),
 }
 
 
