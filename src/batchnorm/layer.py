@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from batchnorm import _groups
 from batchnorm import functional as F
 from batchnorm._validation import (
     EPS_PLACEMENTS,
@@ -23,6 +24,7 @@ from batchnorm._validation import (
     check_momentum,
 )
 from batchnorm.moments import Moments
+from batchnorm.renorm import check_renorm_limits
 
 #: Conventions of other systems, expressed in ours (momentum on the OLD value).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -90,6 +92,24 @@ class BatchNorm:
         shape, instead of allocating a new one. The array returned by one call is
         then overwritten by the next: copy it if you need it longer. A buffer that
         shares memory with the call's input is never used for its output.
+    virtual_batch_size : int >= 2 or None, default None
+        Ghost batch norm: in training, each run of ``virtual_batch_size``
+        consecutive samples (axis 0) is normalized with its own statistics; a
+        remainder is its own group when it has m >= 2 values per channel and joins
+        the previous group otherwise (:func:`batchnorm._groups.group_slices`). The
+        running statistics take one update per group, in order, as if the groups
+        were separate batches (``num_batches_tracked`` counts groups). The gradient
+        is exact (each group is an independent batch norm). Eval mode is unaffected
+        and takes any batch size.
+    renorm : bool, default False
+        Batch renormalization (Ioffe, 2017): in training ``y = γ (x̂ r + d) + β``
+        with r, d from the running statistics, clipped by ``rmax``, ``dmax`` and
+        held constant in backward; see :mod:`batchnorm.renorm`. Combined with
+        ``virtual_batch_size``, each group is renormalized in turn.
+    rmax, dmax : float, default 3 and 5
+        Clipping limits of renorm (``rmax >= 1``, ``dmax >= 0``; ``inf`` clips
+        nothing). Plain attributes: a trainer sets them every step, e.g. from
+        :func:`batchnorm.renorm.renorm_schedule`.
 
     Attributes
     ----------
@@ -131,6 +151,10 @@ class BatchNorm:
         dtype: Any = np.float32,
         backend: str | None = None,
         reuse_buffers: bool = False,
+        virtual_batch_size: int | None = None,
+        renorm: bool = False,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(
             num_features, int | np.integer
@@ -166,6 +190,10 @@ class BatchNorm:
             raise TypeError(f"dtype must be a floating dtype; got {self.dtype}.")
         self.backend = backend
         self.reuse_buffers = bool(reuse_buffers)
+        self.virtual_batch_size = _groups.check_virtual_batch_size(virtual_batch_size)
+        self.renorm = bool(renorm)
+        self.rmax, self.dmax = check_renorm_limits(rmax, dmax)
+        self._groups: _groups.GroupPass | None = None
         self._buffers: dict[str, np.ndarray] = {}
         self.initial_running_mean = float(initial_running_mean)
         self.initial_running_var = float(initial_running_var)
@@ -225,6 +253,10 @@ class BatchNorm:
             "dtype": self.dtype.name,
             "backend": self.backend,
             "reuse_buffers": self.reuse_buffers,
+            "virtual_batch_size": self.virtual_batch_size,
+            "renorm": self.renorm,
+            "rmax": self.rmax,
+            "dmax": self.dmax,
         }
 
     # -- modes ------------------------------------------------------------------
@@ -260,7 +292,14 @@ class BatchNorm:
         """Normalize ``x`` according to the mode; see the class docstring."""
         x, _ = check_input(x, self.axis)
         self._check_channels(x)
+        self._groups = None
         if not (self.use_batch_stats or self.update_running_stats):
+            return self._forward_eval(x)
+        if self.virtual_batch_size is not None or self.renorm:
+            y, groups = _groups.train_pass(self, x, self._buffer("y", x))
+            if self.use_batch_stats:
+                self._groups, self._cache, self._eval_input = groups, None, None
+                return y
             return self._forward_eval(x)
         y, cache = F.forward_train(
             x,
@@ -351,7 +390,10 @@ class BatchNorm:
         RuntimeError
             When no forward pass came first.
         """
-        if self._cache is not None:
+        if self._groups is not None:
+            out = self._buffer("dx", self._groups.x, np.asarray(dy))
+            dx, dgamma, dbeta = _groups.backward_pass(self, self._groups, dy, out)
+        elif self._cache is not None:
             out = self._buffer("dx", self._cache.x, np.asarray(dy))
             dx, dgamma, dbeta = F.backward(
                 dy, self._cache, backend=self.backend, out=out
@@ -475,7 +517,7 @@ class BatchNorm:
             self.gamma, self.beta = arrays["gamma"], arrays["beta"]
         self.num_batches_tracked = counters["num_batches_tracked"]
         self.num_values_seen = counters["num_values_seen"]
-        self._cache = self._eval_input = None
+        self._cache = self._eval_input = self._groups = None
 
     def __repr__(self) -> str:
         mode = (
