@@ -178,7 +178,9 @@ def write_results(
         f"{', '.join(f'{v:.2f}' for v in load_before)}; after: "
         f"{', '.join(f'{v:.2f}' for v in info['load_average'])}).",
         "",
-        "float32; medians of interleaved calls after 2 warm-up calls each; "
+        "float32; medians after 2 warm-up calls each; implementations interleaved "
+        f"in rotating order, {bench.BLOCK} timed calls per visit after one untimed "
+        "call that wakes the thread pool (see `batchnorm.bench._time`); "
         f"{rows[0]['repeats']} timed calls per implementation, NumPy "
         f"{max(r['repeats'] for r in rows if r['implementation'] == 'numpy')} "
         "(at 1 thread only: it is single-threaded). *floor* is a plain Numba stream "

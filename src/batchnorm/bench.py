@@ -3,7 +3,7 @@
 Batch normalization is memory-bound, so each operation is timed beside a plain
 Numba kernel with the same memory traffic (:mod:`batchnorm.kernels._floor`) and
 beside PyTorch's CPU kernel at the same thread count. Implementations are timed
-interleaved (one call of each, in rotating order, per repeat) after a warm-up;
+interleaved (a few calls of each per visit, in rotating order) after a warm-up;
 the table reports medians and ratios from the same run.
 
 ``batchnorm bench`` runs a quick subset (under a minute); the full table is
@@ -29,6 +29,7 @@ import numpy as np
 OPS = ("forward_train", "forward_eval", "backward")
 IMPLEMENTATIONS = ("floor", "numba_out", "numba", "numpy", "torch")
 EPS = 1e-5
+BLOCK = 3  # timed calls per visit to an implementation (see _time)
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,17 @@ def _time(
     threads: int,
     repeats: dict[str, int],
     warmup: int,
+    block: int = BLOCK,
 ) -> dict[str, float]:
-    """Median seconds per implementation, calls interleaved in rotating order."""
+    """Median seconds per implementation, interleaved in rotating order.
+
+    Each visit to an implementation makes one untimed call, then times ``block``
+    calls back to back. The untimed call wakes its thread pool: idle OpenMP
+    workers go to sleep, and waking a sleeping CPU of a virtual machine can take
+    milliseconds (measured here: a 2-thread copy of 25 MB took a median 8 ms
+    called every few milliseconds, 1.3 ms called back to back), which would time
+    the hypervisor, not the kernel. NumPy has no pool and skips that call.
+    """
     names = [name for name in calls if repeats[name] > 0]
     for name in names:
         for _ in range(warmup):
@@ -202,14 +212,18 @@ def _time(
     times: dict[str, list[float]] = {name: [] for name in names}
     gc.disable()
     try:
-        for rep in range(max(repeats.values())):
-            shift = rep % len(names)
+        for visit in range(-(-max(repeats.values()) // block)):
+            shift = visit % len(names)
             for name in names[shift:] + names[:shift]:
-                if len(times[name]) >= repeats[name]:
+                todo = min(block, repeats[name] - len(times[name]))
+                if todo <= 0:
                     continue
-                start = time.perf_counter()
-                calls[name](threads)
-                times[name].append(time.perf_counter() - start)
+                if name != "numpy":
+                    calls[name](threads)
+                for _ in range(todo):
+                    start = time.perf_counter()
+                    calls[name](threads)
+                    times[name].append(time.perf_counter() - start)
     finally:
         gc.enable()
     return {name: statistics.median(t) for name, t in times.items()}

@@ -49,14 +49,33 @@ class KernelPair(NamedTuple):
     parallel: Any
 
 
+def _parallel_options() -> dict[str, bool]:
+    """``prange`` only: NumPy calls inside a kernel (``np.zeros``) stay serial.
+
+    Otherwise Numba turns each into a parallel region of its own, and every
+    region is a launch that may have to wake a sleeping thread.
+    """
+    return {
+        "prange": True,
+        **dict.fromkeys(
+            ("comprehension", "reduction", "inplace_binop", "setitem", "numpy"), False
+        ),
+        **dict.fromkeys(("stencil", "fusion"), False),
+    }
+
+
 def _jit(fn: Callable[..., Any], *, parallel: bool, fastmath: bool) -> Any:
-    flags: bool | set[str] = set(_REASSOC) if fastmath else False
+    options: dict[str, Any] = {
+        "nogil": True,
+        "parallel": _parallel_options() if parallel else False,
+        "fastmath": set(_REASSOC) if fastmath else False,
+    }
     try:
-        return numba.njit(fn, cache=True, nogil=True, parallel=parallel, fastmath=flags)
+        return numba.njit(fn, cache=True, **options)
     except RuntimeError:
         # No writable cache directory anywhere (numba tries $NUMBA_CACHE_DIR, the
         # package's __pycache__, then ~/.cache/numba): compile in every process.
-        return numba.njit(fn, nogil=True, parallel=parallel, fastmath=flags)
+        return numba.njit(fn, **options)
 
 
 def serial_and_parallel(

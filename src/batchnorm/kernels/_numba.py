@@ -43,8 +43,9 @@ __all__ = [
     "set_num_threads",
 ]
 
-#: Below this many values an operation runs on one thread (measured: a parallel
-#: launch costs about as much as streaming this many float32 values).
+#: Below this many values an operation runs on one thread: one core streams 65536
+#: float32 values in about 10 µs, the order of a parallel launch (and a launch on a
+#: busy machine can wait for a scheduler tick, milliseconds).
 PARALLEL_MIN_SIZE = 1 << 16
 
 #: Channels-last rows shorter than this are folded together (see ``_folds``).

@@ -1,0 +1,109 @@
+"""Where the time of each Numba loop goes: memory or arithmetic (one thread).
+
+For every loop of :mod:`batchnorm.kernels._loops` and every floor stream, time
+(1) one pass over the benchmark's tensor (51 MB: DRAM) and (2) the same loop on a
+512 KiB slice that stays in L2, scaled to the tensor's size: the time the
+arithmetic alone would take. A loop whose in-cache time is close to its full time
+is compute-bound; one whose full time is close to the floor's is memory-bound.
+
+Run::
+
+    python benchmarks/kernel_profile.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from batchnorm.kernels import _floor, _loops
+
+
+def median_ms(call: Callable[[], Any], repeats: int = 15) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def loops_for(x: np.ndarray, layout: str) -> dict[str, Callable[[], Any]]:
+    """One serial call per loop on ``x`` (NCHW 4-D, or channels-last 2-D (M, W))."""
+    dy = np.ones_like(x)
+    out = np.empty_like(x)
+    flat, dy_flat, out_flat = x.reshape(-1), dy.reshape(-1), out.reshape(-1)
+    calls: dict[str, Callable[[], Any]] = {
+        "floor read": lambda: _floor.read.serial(flat, 1),
+        "floor copy": lambda: _floor.copy.serial(flat, out_flat, 1),
+        "floor read2": lambda: _floor.read2.serial(flat, dy_flat, 1),
+        "floor add": lambda: _floor.add.serial(flat, dy_flat, out_flat, 1),
+    }
+    if layout == "nchw":
+        x3, dy3, out3 = (a.reshape(a.shape[0], a.shape[1], -1) for a in (x, dy, out))
+        c = np.ones(x3.shape[1])
+        calls |= {
+            "moments": lambda: _loops.moments_ncs.serial(x3, 1),
+            "normalize": lambda: _loops.normalize_ncs.serial(x3, c, c, c, out3, 1),
+            "grad sums": lambda: _loops.grad_sums_ncs.serial(dy3, x3, c, 1),
+            "dx": lambda: _loops.dx_ncs.serial(dy3, x3, c, c, c, c, c, out3, 1),
+        }
+    else:
+        w = np.ones(x.shape[1])
+        calls |= {
+            "moments": lambda: _loops.shifted_sums_mc.serial(x, w, 1),
+            "normalize": lambda: _loops.normalize_mc.serial(x, out, w, w, w, 1),
+            "grad sums": lambda: _loops.grad_sums_mc.serial(dy, x, w, 1),
+            "dx": lambda: _loops.dx_mc.serial(dy, x, out, w, w, w, w, w, 1),
+        }
+    return calls
+
+
+CASES = [
+    ("NCHW 64×64×56×56", "nchw", (64, 64, 56, 56), (1, 2, 256, 256)),
+    # channels-last C = 64 as the backend runs it: 8 rows folded into 512 columns
+    ("channels-last 64×56×56×64", "mc", (25088, 512), (256, 512)),
+    ("(4096, 1024)", "mc", (4096, 1024), (128, 1024)),
+]
+
+
+STREAMS = {
+    "read": 1,
+    "copy": 2,
+    "read2": 2,
+    "add": 3,
+    "moments": 1,
+    "normalize": 2,
+    "grad sums": 2,
+    "dx": 3,
+}  # arrays read or written
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    print("| case | loop | full ms | GB/s | in-cache ms (scaled) | in-cache share |")
+    print("|---|---|---|---|---|---|")
+    for label, layout, shape, small_shape in CASES:
+        x = rng.normal(3.0, 2.0, shape).astype(np.float32)
+        small = x.reshape(-1)[: int(np.prod(small_shape))].reshape(small_shape).copy()
+        full, cached = loops_for(x, layout), loops_for(small, layout)
+        scale = x.size / small.size
+        for name in full:
+            t_full = median_ms(full[name])
+            t_cache = median_ms(cached[name], repeats=101) * scale
+            streams = STREAMS[name.removeprefix("floor ")]
+            gbs = streams * x.nbytes / t_full / 1e6
+            print(
+                f"| {label} | {name} | {t_full:.2f} | {gbs:.1f} | {t_cache:.2f} "
+                f"| {t_cache / t_full:.0%} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
