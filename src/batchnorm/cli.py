@@ -1,4 +1,5 @@
-"""Command line: ``batchnorm demo | bench | example``; nothing imports this module."""
+"""Command line: ``batchnorm demo | bench | example | convert | inspect``; nothing
+imports this module."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ COMMANDS = {
     "example": ("batchnorm._example", "run a short example of the functional API"),
     "demo": ("batchnorm.demo", "train on the digits with and without BN; write plots"),
     "bench": ("batchnorm.bench", "quick kernel benchmark against the floor and torch"),
+    "convert": (
+        "batchnorm.io._cli_convert",
+        "convert a model between .npz, .weights (darknet), .pt/.pth and .onnx",
+    ),
+    "inspect": (
+        "batchnorm.io._cli_inspect",
+        "print each BatchNorm's statistics and a health check",
+    ),
     "train": ("batchnorm._train_command", "data-parallel training over MPI (mpiexec)"),
 }
 

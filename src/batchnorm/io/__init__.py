@@ -1,0 +1,33 @@
+"""Weights files and interop: native ``.npz``, darknet, PyTorch, ONNX.
+
+- :func:`save` / :func:`load`: the self-describing native format
+  (:mod:`batchnorm.io.native`), atomic on save, fully checked on load;
+- :mod:`batchnorm.io.darknet`: ``.cfg`` networks and ``.weights`` files;
+- :mod:`batchnorm.io.pytorch`: state dicts and ``torch.nn`` modules;
+- :mod:`batchnorm.io.onnx_export`: ONNX inference graphs.
+
+Every reader raises :class:`FormatError` (a ``ValueError``) for a bad file and
+never returns a half-loaded model. See ``docs/INTEROP.md``.
+
+>>> import tempfile, pathlib, numpy as np, batchnorm as bn
+>>> from batchnorm import io, nn
+>>> net = nn.Sequential([nn.Linear(4, 3, bias=False), bn.BatchNorm(3), nn.ReLU()])
+>>> path = pathlib.Path(tempfile.mkdtemp()) / "net.npz"
+>>> io.save(net, path)
+>>> io.load(path).layers
+[Linear(4, 3, bias=False), BatchNorm(3, ...), ReLU()]
+"""
+
+from batchnorm.io._modules import LeakyReLU, Softmax
+from batchnorm.io._structure import FormatError, Network
+from batchnorm.io.native import FORMAT_VERSION, load, save
+
+__all__ = [
+    "FORMAT_VERSION",
+    "FormatError",
+    "LeakyReLU",
+    "Network",
+    "Softmax",
+    "load",
+    "save",
+]

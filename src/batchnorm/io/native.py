@@ -1,0 +1,218 @@
+"""The native format: a pickle-free ``.npz`` whose JSON header describes everything.
+
+The archive holds one ``__header__`` entry (UTF-8 JSON as uint8) and one ``.npy``
+entry per array, named as in :mod:`batchnorm.io._structure`. The header records
+
+- ``format`` (``"batchnorm"``) and ``version`` (:data:`FORMAT_VERSION`);
+- ``kind``: ``"layer"`` (a lone :class:`batchnorm.BatchNorm`) or ``"network"``;
+- ``layers``: one spec per layer (type and constructor arguments), so that
+  :func:`load` rebuilds the network;
+- ``conventions`` per BatchNorm: momentum and its direction (weight on the OLD
+  running value), running-variance kind, ε and its placement, the channel axis,
+  ``num_batches_tracked`` and ``num_values_seen``;
+- ``metadata``: what other formats need to write the network back unchanged
+  (for darknet files: the header's version and ``seen``).
+
+Saves are atomic (:func:`batchnorm.io._atomic.atomic_write`); loads read and check
+every entry before building anything, and raise only
+:class:`batchnorm.io.FormatError` for a bad file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from typing import IO, Any
+
+import numpy as np
+
+from batchnorm.io._atomic import atomic_write
+from batchnorm.io._structure import (
+    FormatError,
+    Network,
+    arrays_of,
+    build,
+    describe,
+    fill,
+    layers_of,
+)
+from batchnorm.layer import BatchNorm
+
+__all__ = ["FORMAT_VERSION", "load", "read_header", "save"]
+
+#: Version written by :func:`save`; :func:`load` reads versions up to this one.
+FORMAT_VERSION = 1
+_HEADER = "__header__"
+
+
+def conventions(layer: BatchNorm) -> dict[str, Any]:
+    """What a reader must know to use ``layer``'s statistics correctly."""
+    return {
+        "momentum": layer.momentum,
+        "momentum_direction": "weight on the old running value: run <- momentum * "
+        "run + (1 - momentum) * batch",
+        "running_var_kind": layer.running_var_kind,
+        "eps": layer.eps,
+        "eps_placement": layer.eps_placement,
+        "ddof": layer.ddof,
+        "axis": layer.axis,
+        "num_batches_tracked": int(layer.num_batches_tracked),
+        "num_values_seen": int(layer.num_values_seen),
+    }
+
+
+def save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Write a BatchNorm layer or a harness network to ``path`` atomically.
+
+    Parameters
+    ----------
+    obj : batchnorm.BatchNorm or batchnorm.nn.Sequential
+    path : path-like
+        Conventionally ``*.npz``. An existing file is replaced only once the new
+        one is complete on disk.
+
+    Raises
+    ------
+    TypeError
+        For a layer type the format does not know.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib, numpy as np, batchnorm as bn
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "bn.npz"
+    >>> layer = bn.BatchNorm(3)
+    >>> _ = layer(np.arange(12.0, dtype=np.float32).reshape(4, 3))
+    >>> save(layer, path)
+    >>> load(path).running_mean
+    array([0.045, 0.055, 0.065], dtype=float32)
+    """
+    layers = layers_of(obj)
+    specs = [describe(layer) for layer in layers]
+    prefixes = (
+        [""] if isinstance(obj, BatchNorm) else [f"{i}." for i in range(len(layers))]
+    )
+    header = {
+        "format": "batchnorm",
+        "version": FORMAT_VERSION,
+        "kind": "layer" if isinstance(obj, BatchNorm) else "network",
+        "layers": specs,
+        "conventions": {
+            prefix: conventions(layer)
+            for prefix, layer in zip(prefixes, layers, strict=True)
+            if isinstance(layer, BatchNorm)
+        },
+        "metadata": dict(getattr(obj, "metadata", {}) or {}),
+    }
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays_of(obj).items()}
+    encoded = json.dumps(header, allow_nan=False).encode("utf-8")
+    arrays[_HEADER] = np.frombuffer(encoded, dtype=np.uint8)
+
+    def write(file: IO[bytes]) -> None:
+        np.savez(file, allow_pickle=False, **arrays)
+
+    atomic_write(path, write)
+
+
+def _read_entries(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Every entry of the archive, fully read and CRC-checked, or FormatError."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read: {exc}") from exc
+    try:
+        entries: dict[str, np.ndarray] = {}
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise FormatError(f"unexpected entry {info.filename!r}")
+                raw = archive.read(info)  # verifies the CRC
+                entries[info.filename[:-4]] = np.lib.format.read_array(
+                    io.BytesIO(raw), allow_pickle=False
+                )
+    except FormatError as exc:
+        raise FormatError(f"{path}: not a batchnorm file: {exc}") from exc
+    except Exception as exc:  # zipfile, zlib, numpy header parsing: all mean corrupt
+        raise FormatError(
+            f"{path}: truncated or corrupt file ({type(exc).__name__}: {exc})."
+        ) from exc
+    return entries
+
+
+def read_header(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The checked JSON header and the arrays of a native file."""
+    entries = _read_entries(path)
+    raw = entries.pop(_HEADER, None)
+    if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
+        raise FormatError(f"{path}: no {_HEADER} entry; not a batchnorm native file.")
+    try:
+        header = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: the header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict) or header.get("format") != "batchnorm":
+        raise FormatError(f"{path}: the header does not say format 'batchnorm'.")
+    version = header.get("version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise FormatError(
+            f"{path}: format version {version!r} is not supported; this batchnorm "
+            f"reads versions 1 to {FORMAT_VERSION}. Upgrade batchnorm to read it."
+        )
+    for key, kind in (
+        ("kind", str),
+        ("layers", list),
+        ("conventions", dict),
+        ("metadata", dict),
+    ):
+        if not isinstance(header.get(key), kind):
+            raise FormatError(f"{path}: header field {key!r} is missing or invalid.")
+    if header["kind"] not in ("layer", "network"):
+        raise FormatError(f"{path}: unknown kind {header['kind']!r}.")
+    return header, entries
+
+
+def load(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> Any:
+    """Read a layer or network written by :func:`save`; nothing half-loaded.
+
+    Parameters
+    ----------
+    path : path-like
+    allow_nonfinite : bool, default False
+        Accept NaN/inf (or negative) running statistics instead of raising; for
+        inspecting a broken model (``batchnorm inspect`` does this).
+
+    Returns
+    -------
+    batchnorm.BatchNorm or batchnorm.io.Network
+        Every BatchNorm comes back in train mode, as a new layer does (the mode
+        is not stored); call ``.eval()`` for inference.
+
+    Raises
+    ------
+    FileNotFoundError
+    batchnorm.io.FormatError
+        Truncated or corrupt file, unknown version, missing or unknown arrays,
+        wrong shapes or dtypes, non-finite statistics (unless allowed).
+    """
+    header, arrays = read_header(path)
+    specs = header["layers"]
+    if header["kind"] == "layer" and (
+        len(specs) != 1 or specs[0].get("type") != "BatchNorm"
+    ):
+        raise FormatError(f"{path}: a 'layer' file must hold exactly one BatchNorm.")
+    layers = [build(spec) for spec in specs]
+    obj: Any = (
+        layers[0] if header["kind"] == "layer" else Network(layers, header["metadata"])
+    )
+    counters: dict[str, Any] = {
+        prefix: {k: conv.get(k) for k in ("num_batches_tracked", "num_values_seen")}
+        for prefix, conv in header["conventions"].items()
+        if isinstance(conv, dict)
+    }
+    fill(obj, arrays, counters, source=str(path), allow_nonfinite=allow_nonfinite)
+    return obj
