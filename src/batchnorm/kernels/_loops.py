@@ -39,6 +39,9 @@ from numba import prange
 # (16 KiB at 1024) stay in L1 while the rows stream through; narrower tiles read
 # each row in short strided pieces, which measured slower.
 _TILE = 1024
+# Values per array in a block of rows that the channels-last reductions first
+# stream into L2 (256 KiB of float32; see _stream).
+_BLOCK_VALUES = 65536
 _REASSOC = ("reassoc", "contract")
 
 
@@ -172,18 +175,38 @@ def _shifted_sums_tile(x, pivot, lo, hi, c0, c1, sums, squares):
             q[j] += d * d
 
 
+@_serial
+def _stream(x, lo, hi):
+    """Read rows lo:hi once, as a plain sum, so that the next loop finds them in L2.
+
+    The partial-sum loops below store to L1 every few values; measured on a 51 MB
+    tensor they then stream DRAM at a third of a plain read's speed, while from L2
+    they run at full speed. Reading each block first restores the streaming.
+    """
+    flat = x[lo:hi].reshape(-1)
+    total = np.float32(0.0)
+    for i in range(flat.size):
+        total += flat[i]
+    return total
+
+
 @serial_and_parallel(fastmath=True)
 def shifted_sums_mc(x, pivot, num_chunks):
     """Per-column ``(Σd, Σd²)``, ``d = x − pivot``, of (M, W) ``x``, float64."""
     rows, width = x.shape
-    sums = np.zeros((num_chunks, width))
+    sums = np.zeros((num_chunks, width + 1))  # the last column sinks _stream's sum
     squares = np.zeros((num_chunks, width))
+    block = max(4, _BLOCK_VALUES // width // 4 * 4)
     for chunk in prange(num_chunks):
         lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        for c0 in range(0, width, _TILE):
-            c1 = min(c0 + _TILE, width)
-            _shifted_sums_tile(x, pivot, lo, hi, c0, c1, sums[chunk], squares[chunk])
-    return column_sums(sums), column_sums(squares)
+        s, q = sums[chunk], squares[chunk]
+        for r0 in range(lo, hi, block):
+            r1 = min(r0 + block, hi)
+            s[width] += _stream(x, r0, r1)
+            for c0 in range(0, width, _TILE):
+                c1 = min(c0 + _TILE, width)
+                _shifted_sums_tile(x, pivot, r0, r1, c0, c1, s, q)
+    return column_sums(sums)[:width], column_sums(squares)
 
 
 @serial_and_parallel()
@@ -268,16 +291,19 @@ def _grad_sums_tile(dy, x, mean, lo, hi, c0, c1, sum_dy, sum_dy_xmu):
 def grad_sums_mc(dy, x, mean, num_chunks):
     """Per-column ``(Σ dy, Σ dy·(x − mean))`` of (M, W) arrays, float64."""
     rows, width = x.shape
-    sum_dy = np.zeros((num_chunks, width))
+    sum_dy = np.zeros((num_chunks, width + 1))  # the last column sinks _stream's sum
     sum_dy_xmu = np.zeros((num_chunks, width))
+    block = max(4, _BLOCK_VALUES // width // 4 * 4)
     for chunk in prange(num_chunks):
         lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        for c0 in range(0, width, _TILE):
-            c1 = min(c0 + _TILE, width)
-            _grad_sums_tile(
-                dy, x, mean, lo, hi, c0, c1, sum_dy[chunk], sum_dy_xmu[chunk]
-            )
-    return column_sums(sum_dy), column_sums(sum_dy_xmu)
+        s, t = sum_dy[chunk], sum_dy_xmu[chunk]
+        for r0 in range(lo, hi, block):
+            r1 = min(r0 + block, hi)
+            s[width] += _stream(dy, r0, r1) + _stream(x, r0, r1)
+            for c0 in range(0, width, _TILE):
+                c1 = min(c0 + _TILE, width)
+                _grad_sums_tile(dy, x, mean, r0, r1, c0, c1, s, t)
+    return column_sums(sum_dy)[:width], column_sums(sum_dy_xmu)
 
 
 @serial_and_parallel()
