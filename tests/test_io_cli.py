@@ -104,3 +104,30 @@ def test_inspect_healthy_and_broken(files, capsys):
     bio.save(fresh, files / "fresh.npz")
     assert main(["inspect", str(files / "fresh.npz")]) == 1
     assert "statistics never updated" in capsys.readouterr().out
+
+
+def test_native_cnn_to_darknet_with_written_cfg(tmp_path):
+    from batchnorm import nn
+
+    net = nn.cnn(batch_norm=True, rng=np.random.default_rng(0))
+    bio.save(net, tmp_path / "model.npz")
+    weights, cfg = tmp_path / "model.weights", tmp_path / "model.cfg"
+    with pytest.warns(UserWarning, match="inside the root"):
+        code = main(
+            [
+                "convert",
+                str(tmp_path / "model.npz"),
+                str(weights),
+                "--write-cfg",
+                str(cfg),
+                "--input-shape",
+                "1,8,8",
+            ]
+        )
+    assert code == 0
+    assert "height=8" in cfg.read_text()
+    back = tmp_path / "back.npz"
+    assert main(["convert", str(weights), str(back), "--cfg", str(cfg)]) == 0
+    again = tmp_path / "again.weights"
+    assert main(["convert", str(back), str(again)]) == 0
+    assert again.read_bytes() == weights.read_bytes()

@@ -77,16 +77,16 @@ def write_any(obj: Any, path: Path, args: argparse.Namespace) -> None:
     from batchnorm.io import _atomic, darknet, native
 
     suffix = _suffix(path, _WRITE, "output")
+    shape = None
+    if args.input_shape:
+        shape = tuple(int(n) for n in args.input_shape.split(","))
     if suffix == ".npz":
         native.save(obj, path)
     elif suffix == ".weights":
-        darknet.save(obj, path, args.write_cfg)
+        darknet.save(obj, path, args.write_cfg, input_shape=shape)
     elif suffix == ".onnx":
         from batchnorm.io import onnx_export
 
-        shape = None
-        if args.input_shape:
-            shape = tuple(int(n) for n in args.input_shape.split(","))
         onnx_export.export(obj, path, shape)
     else:
         import torch
