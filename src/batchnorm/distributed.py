@@ -91,6 +91,13 @@ class SyncBatchNorm(BatchNorm):
         **options: Any,
     ) -> None:
         super().__init__(num_features, **options)
+        if self.virtual_batch_size is not None or self.renorm:
+            raise ValueError(
+                "SyncBatchNorm does not support virtual_batch_size or renorm (got "
+                f"virtual_batch_size={self.virtual_batch_size}, renorm={self.renorm})"
+                ": ghost batches and renormalization are per-process ideas. Use "
+                "BatchNorm for them, or drop the options to synchronize."
+            )
         self.comm = _world() if comm is None else comm
         if not (isinstance(timeout, int | float) and timeout > 0):
             raise ValueError(

@@ -141,3 +141,11 @@ def test_conversion_round_trip():
     back = sync.to_layer()
     assert type(back) is bn.BatchNorm
     np.testing.assert_array_equal(back.running_var, layer.running_var)
+
+
+@pytest.mark.parametrize("option", [{"virtual_batch_size": 2}, {"renorm": True}])
+def test_per_process_options_are_rejected(option):
+    with pytest.raises(ValueError, match="SyncBatchNorm does not support"):
+        SyncBatchNorm(3, **option)
+    with pytest.raises(ValueError, match="SyncBatchNorm does not support"):
+        SyncBatchNorm.from_layer(bn.BatchNorm(3, **option))
