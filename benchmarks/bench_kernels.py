@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "python benchmarks/bench_kernels.py"
         + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     )
+    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) == os.SCHED_FIFO:
+        command = f"chrt -f {os.sched_getparam(0).sched_priority} {command}"
     load_before = list(os.getloadavg())
     start = time.perf_counter()
     rows = bench.measure(

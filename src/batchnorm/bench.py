@@ -317,6 +317,7 @@ def machine() -> dict[str, Any]:
         "batchnorm": batchnorm.__version__,
         "numba_threading_layer": numba.threading_layer(),
         "load_average": list(os.getloadavg()),
+        "scheduling": _scheduling(),
     }
     try:
         with open("/proc/meminfo") as f:
@@ -326,6 +327,22 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+def _scheduling() -> str:
+    """This process's scheduling policy, as ``chrt`` or ``nice`` left it.
+
+    On a shared machine the benchmark can run under ``chrt -f 1`` so that other
+    processes cannot delay its threads; the report says whether it did.
+    """
+    try:
+        policy = os.sched_getscheduler(0)
+        priority = os.sched_getparam(0).sched_priority
+    except (AttributeError, OSError):
+        return "unknown"
+    names = {os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_FIFO: "SCHED_FIFO"}
+    name = names.get(policy, str(policy))
+    return f"{name} priority {priority}, nice {os.nice(0)}"
 
 
 def run(args: argparse.Namespace) -> int:
