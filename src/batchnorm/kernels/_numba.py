@@ -13,7 +13,9 @@ results to float64 rounding (the tests hold them equal). What is covered:
 
 Threads: :func:`set_num_threads`, else ``$BATCHNORM_NUM_THREADS``, else Numba's
 ``NUMBA_NUM_THREADS`` (the number of cores). Tensors under ``PARALLEL_MIN_SIZE``
-values run on one thread, where a parallel launch costs more than it saves.
+values run on one thread, where a parallel launch costs more than it saves, and
+so does a ``fork()``-ed child of a process that already ran parallel loops (GNU
+OpenMP would abort it).
 
 Compilation is lazy (on the first call per dtype and layout) and cached on disk
 with ``cache=True``. Numba picks the cache directory: ``$NUMBA_CACHE_DIR`` when set,
@@ -52,6 +54,7 @@ PARALLEL_MIN_SIZE = 1 << 16
 _FOLD_WIDTH = 512
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _num_threads: int | None = None
+_parallel_pid: int | None = None  # the process whose parallel loops ran first
 
 
 def _max_threads() -> int:
@@ -102,7 +105,20 @@ def get_num_threads() -> int:
 
 
 def _chunks(size: int) -> int:
-    return 1 if size < PARALLEL_MIN_SIZE else get_num_threads()
+    """Threads for an operation on ``size`` values (1: the serial loops)."""
+    global _parallel_pid
+    if size < PARALLEL_MIN_SIZE:
+        return 1
+    num_threads = get_num_threads()
+    if num_threads > 1:
+        # GNU OpenMP aborts a fork()ed child that starts a parallel region once
+        # its parent has ("fork() called from a process already using GNU
+        # OpenMP"); such a child runs the serial loops instead.
+        if _parallel_pid is None:
+            _parallel_pid = os.getpid()
+        elif _parallel_pid != os.getpid():
+            return 1
+    return num_threads
 
 
 def _pick(pair: _loops.KernelPair, num_chunks: int) -> Any:
