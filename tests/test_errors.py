@@ -125,7 +125,8 @@ X = np.random.default_rng(0).normal(size=(4, 3, 5))
         (
             lambda: F.forward_eval(X, None, None, np.zeros(3), -np.ones(3)),
             ValueError,
-            r"running_var must be >= 0 in every channel; channels \[0, 1, 2\]",
+            r"running_var must be finite and >= 0 in every channel; channels "
+            r"\[0, 1, 2\]",
         ),
         (
             lambda: F.forward_eval(
@@ -221,6 +222,47 @@ def test_moments_errors():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
+        (
+            {"backend": "cuda"},
+            ValueError,
+            r"backend must be one of 'numpy', 'numba' or None .* got 'cuda'",
+        ),
+        (
+            {"initial_running_var": -1.0},
+            ValueError,
+            r"initial_running_var finite and >= 0; got 0\.0 and -1\.0",
+        ),
+        (
+            {"initial_running_mean": float("nan")},
+            ValueError,
+            r"initial_running_mean must be finite",
+        ),
+        ({"initial_running_var": float("inf")}, ValueError, r"got 0\.0 and inf"),
+    ],
+)
+def test_layer_constructor_rejects_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        bn.BatchNorm(3, **kwargs)
+
+
+def test_bfloat16_parameters_are_refused_with_the_reason():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    with pytest.raises(TypeError, match="Inputs may be bfloat16"):
+        bn.BatchNorm(3, dtype=ml_dtypes.bfloat16)
+    # ... while bfloat16 input and a bfloat16 state dict are accepted
+    layer = bn.BatchNorm(3)
+    y = layer(np.ones((4, 3)).astype(ml_dtypes.bfloat16))
+    assert y.dtype == ml_dtypes.bfloat16
+    state = {
+        k: (v.astype(ml_dtypes.bfloat16) if isinstance(v, np.ndarray) else v)
+        for k, v in layer.state_dict().items()
+    }
+    layer.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
         ({"num_features": 0}, ValueError, r"num_features must be >= 1; got 0"),
         ({"num_features": 3.0}, TypeError, r"num_features must be an int .* got float"),
         ({"num_features": 3, "axis": 0}, ValueError, r"axis=0 is the batch axis"),
@@ -229,7 +271,8 @@ def test_moments_errors():
         (
             {"num_features": 3, "dtype": np.int32},
             TypeError,
-            r"dtype must be a floating dtype; got int32",
+            r"dtype \(of γ, β and the running statistics\) must be float16, "
+            r"float32 or float64; got int32",
         ),
         ({"num_features": 3, "running_var_kind": "x"}, ValueError, r"running_var_kind"),
     ],
@@ -260,8 +303,14 @@ def test_failed_forward_leaves_layer_untouched():
     layer = bn.BatchNorm(3, momentum=0.5)
     layer(X)
     before = layer.state_dict()
-    for bad in (np.ones((1, 3)), np.ones((4, 5)), np.ones((4, 3), int)):
-        with pytest.raises((ValueError, TypeError)):
+    cases = [
+        (np.ones((1, 3)), ValueError, r"at least 2 values per channel"),
+        (np.ones((4, 5)), ValueError, r"x has 5 channels on axis 1"),
+        (np.ones((4, 3), int), TypeError, r"floating dtype .* got dtype int64"),
+        (np.ones(3), ValueError, r"at least 2 dimensions"),
+    ]
+    for bad, error, match in cases:
+        with pytest.raises(error, match=match):
             layer(bad)
     after = layer.state_dict()
     for key in before:
@@ -286,17 +335,29 @@ def test_failed_forward_leaves_layer_untouched():
         (
             lambda s: s.update(running_var=-np.ones(3)),
             ValueError,
-            r"finite with running_var >= 0",
+            r"state_dict\['running_var'\] must be finite and >= 0 \(in float32\); "
+            r"channels \[0, 1, 2\] hold \[-1\.0, -1\.0, -1\.0\]",
         ),
         (
             lambda s: s.update(running_mean=np.full(3, np.inf)),
             ValueError,
-            r"must be finite",
+            r"state_dict\['running_mean'\] must be finite \(in float32\); channels "
+            r"\[0, 1, 2\] hold \[inf, inf, inf\]",
+        ),
+        (
+            lambda s: s.update(gamma=np.array([1.0, np.nan, 1.0])),
+            ValueError,
+            r"state_dict\['gamma'\] must be finite .* channels \[1\] hold \[nan\]",
+        ),
+        (
+            lambda s: s.update(beta=np.array([1.0, 1.0, 1e300])),
+            ValueError,
+            r"state_dict\['beta'\] must be finite \(in float32\); channels \[2\]",
         ),
         (
             lambda s: s.update(num_batches_tracked=-1),
             ValueError,
-            r"state_dict\['num_batches_tracked'\] must be >= 0; got -1",
+            r"state_dict\['num_batches_tracked'\] must be >= 0 \(a count\); got -1",
         ),
         (
             lambda s: s.update(num_values_seen=2.5),
@@ -321,3 +382,25 @@ def test_load_state_dict_errors_leave_layer_untouched(mutate, error, match):
 def test_load_state_dict_rejects_non_mapping():
     with pytest.raises(TypeError, match="state must be a mapping; got list"):
         bn.BatchNorm(3).load_state_dict([1, 2])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"virtual_batch_size": 2}, {"renorm": True}],
+    ids=["plain", "ghost", "renorm"],
+)
+def test_failed_forward_keeps_the_pending_backward(options):
+    """A NaN batch raises, and backward() still differentiates the last good pass."""
+    layer = bn.BatchNorm(3, momentum=0.5, dtype=np.float64, **options)
+    x = np.random.default_rng(1).normal(size=(4, 3))
+    dy = np.random.default_rng(2).normal(size=(4, 3))
+    layer(x)
+    expected = layer.backward(dy)
+    before = layer.state_dict()
+    bad = x.copy()
+    bad[0, 1] = np.nan
+    with pytest.raises(bn.NonFiniteStatisticsError, match=r"channels \[1\]"):
+        layer(bad)
+    np.testing.assert_array_equal(layer.backward(dy), expected)
+    for key, value in layer.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])

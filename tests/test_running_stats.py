@@ -97,3 +97,35 @@ def test_infinite_input_is_nonfinite_too():
     _, cache = F.forward_train(x, None, None)
     with pytest.raises(bn.NonFiniteStatisticsError):
         F.update_running_stats(np.zeros(1), np.ones(1), cache)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_update_that_overflows_the_dtype_never_lands(dtype):
+    """Finite float64 statistics can still overflow float32/float16 storage."""
+    batch = bn.Moments(2, np.array([0.0, 1.0]), np.array([1e300, 1.0]))
+    rm, rv = np.zeros(2, dtype), np.ones(2, dtype)
+    with pytest.raises(bn.NonFiniteStatisticsError, match=r"overflow .* \[0\]"):
+        F.update_running_stats(rm, rv, batch, momentum=0.9)
+    with pytest.warns(RuntimeWarning, match="left unchanged"):
+        mean, var = F.update_running_stats(rm, rv, batch, on_nonfinite="skip")
+    np.testing.assert_array_equal(var, 1.0)
+
+
+def test_layer_with_float16_parameters_keeps_finite_statistics():
+    x = np.random.default_rng(0).normal(0.0, 3e4, size=(8, 2)).astype(np.float32)
+    layer = bn.BatchNorm(2, dtype=np.float16)
+    with pytest.raises(bn.NonFiniteStatisticsError, match="overflow float16"):
+        layer(x)
+    assert layer.num_batches_tracked == 0
+    np.testing.assert_array_equal(layer.running_var, 1.0)
+    skipping = bn.BatchNorm(2, dtype=np.float16, on_nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="overflow float16"):
+        skipping(x)
+    assert skipping.num_batches_tracked == 0
+    assert np.isfinite(skipping.running_var).all()
+
+
+def test_nonfinite_running_mean_is_rejected():
+    m = bn.Moments(2, np.array([3.0]), np.array([8.0]))
+    with pytest.raises(ValueError, match=r"running_mean must be finite in every "):
+        F.update_running_stats(np.array([np.nan]), np.ones(1), m)

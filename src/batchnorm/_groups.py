@@ -78,16 +78,9 @@ class _Running:
 
     def absorb(self, layer: BatchNorm, moments: Moments) -> None:
         # Same rule as BatchNorm._absorb: raises (nothing committed) or skips.
-        self.mean, self.var = F.update_running_stats(
-            self.mean,
-            self.var,
-            moments,
-            momentum=layer.momentum,
-            running_var_kind=layer.running_var_kind,
-            num_values_seen=self.values,
-            on_nonfinite=layer.on_nonfinite,
-        )
-        if np.isfinite(moments.mean).all() and np.isfinite(moments.m2).all():
+        update = layer._updated_running_stats(self.mean, self.var, self.values, moments)
+        if update is not None:
+            self.mean, self.var = update
             self.batches += 1
             self.values += moments.count
 

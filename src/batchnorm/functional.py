@@ -323,13 +323,18 @@ def _check_running(
 ) -> tuple[np.ndarray, np.ndarray]:
     running_mean = require_channel_vector(running_mean, "running_mean", num_channels)
     running_var = require_channel_vector(running_var, "running_var", num_channels)
-    bad = np.flatnonzero(~(np.asarray(running_var, np.float64) >= 0))
-    if bad.size:
-        raise ValueError(
-            f"running_var must be >= 0 in every channel; channels {bad[:8].tolist()} "
-            f"hold {np.asarray(running_var)[bad[:8]].tolist()}. Reset the running "
-            "statistics (layer.reset_running_stats()) or reload a good checkpoint."
-        )
+    for name, values in (("running_mean", running_mean), ("running_var", running_var)):
+        as64 = np.asarray(values, np.float64)
+        ok = np.isfinite(as64) & ((as64 >= 0) if name == "running_var" else True)
+        bad = np.flatnonzero(~ok)
+        if bad.size:
+            need = "finite and >= 0" if name == "running_var" else "finite"
+            raise ValueError(
+                f"{name} must be {need} in every channel; channels "
+                f"{bad[:8].tolist()} hold {as64[bad[:8]].tolist()}. Reset the "
+                "running statistics (layer.reset_running_stats()) or reload a good "
+                "checkpoint."
+            )
     return running_mean, running_var
 
 
@@ -497,26 +502,46 @@ def update_running_stats(
             "or an exploding learning rate; pass on_nonfinite='skip' to skip such "
             "batches with a warning."
         )
-        if on_nonfinite == "raise":
-            raise NonFiniteStatisticsError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        return running_mean.copy(), running_var.copy()
+    else:
+        new_mean, new_var = _blend(
+            running_mean, running_var, moments, momentum, ddof, num_values_seen
+        )
+        bad = np.flatnonzero(~(np.isfinite(new_mean) & np.isfinite(new_var)))
+        if not bad.size:
+            return new_mean, new_var
+        message = (
+            f"the updated running statistics overflow {running_var.dtype} in "
+            f"channels {bad[:8].tolist()} (batch variance "
+            f"{moments.var(ddof)[bad[:8]].tolist()}); they were left unchanged. "
+            "Keep the running statistics in float32 or float64 (BatchNorm dtype=), "
+            "or rescale the input."
+        )
+    if on_nonfinite == "raise":
+        raise NonFiniteStatisticsError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return running_mean.copy(), running_var.copy()
+
+
+def _blend(
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    moments: Moments,
+    momentum: float | None,
+    ddof: int,
+    num_values_seen: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The EMA (or exact cumulative) update, cast to the running dtypes."""
     if momentum is None:
         new_mean, new_var = _cumulative(
             running_mean, running_var, moments, ddof, num_values_seen
         )
     else:
-        batch_var = moments.var(ddof)
-        new_mean = (
-            momentum * running_mean.astype(np.float64) + (1.0 - momentum) * moments.mean
-        )
-        new_var = (
-            momentum * running_var.astype(np.float64) + (1.0 - momentum) * batch_var
-        )
-    return (
-        new_mean.astype(running_mean.dtype),
-        new_var.astype(running_var.dtype),
-    )
+        old_mean = running_mean.astype(np.float64)
+        old_var = running_var.astype(np.float64)
+        new_mean = momentum * old_mean + (1.0 - momentum) * moments.mean
+        new_var = momentum * old_var + (1.0 - momentum) * moments.var(ddof)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, which is checked
+        return new_mean.astype(running_mean.dtype), new_var.astype(running_var.dtype)
 
 
 def _cumulative(

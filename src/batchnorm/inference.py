@@ -294,10 +294,20 @@ def recalibrate(network: Any, batches: Iterable[Any]) -> list[Moments]:
             raise NonFiniteStatisticsError(
                 f"{layer!r} saw NaN/inf inputs; no running statistics were changed."
             )
+    results = []
     for layer, moments in zip(layers, merged, strict=True):
         ddof = 1 if layer.running_var_kind == "unbiased" else 0
-        layer.running_mean = moments.mean.astype(layer.dtype)
-        layer.running_var = moments.var(ddof).astype(layer.dtype)
+        with np.errstate(over="ignore"):  # checked below
+            mean = moments.mean.astype(layer.dtype)
+            var = moments.var(ddof).astype(layer.dtype)
+        if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+            raise NonFiniteStatisticsError(
+                f"{layer!r}: the population statistics overflow {layer.dtype}; no "
+                "running statistics were changed. Use dtype=np.float32 or wider."
+            )
+        results.append((mean, var))
+    for layer, moments, (mean, var) in zip(layers, merged, results, strict=True):
+        layer.running_mean, layer.running_var = mean, var
         layer.num_values_seen = moments.count
         layer.num_batches_tracked = num_batches
     return merged

@@ -6,12 +6,13 @@ no file format and no communication.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from batchnorm import _groups
+from batchnorm import _backend, _groups
 from batchnorm import functional as F
 from batchnorm._validation import (
     EPS_PLACEMENTS,
@@ -22,6 +23,7 @@ from batchnorm._validation import (
     check_eps,
     check_input,
     check_momentum,
+    is_float_dtype,
 )
 from batchnorm.moments import Moments
 from batchnorm.renorm import check_renorm_limits
@@ -46,6 +48,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ONNX BatchNormalization (training mode): momentum 0.9, eps 1e-5, biased.
     "onnx": {"eps": 1e-5, "momentum": 0.9, "running_var_kind": "biased"},
 }
+
+#: Dtypes for γ, β and the running statistics.
+PARAMETER_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 _STATE_KEYS = (
     "gamma",
@@ -164,7 +169,10 @@ class BatchNorm:
                 f"{type(num_features).__name__}."
             )
         if num_features < 1:
-            raise ValueError(f"num_features must be >= 1; got {num_features}.")
+            raise ValueError(
+                f"num_features must be >= 1; got {num_features}. Pass the number of "
+                "channels C of the input (x.shape[axis])."
+            )
         if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
             raise TypeError(f"axis must be an int; got {type(axis).__name__}.")
         if axis == 0:
@@ -186,8 +194,17 @@ class BatchNorm:
         self.on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", ON_NONFINITE)
         self.affine = bool(affine)
         self.dtype = np.dtype(dtype)
-        if not np.issubdtype(self.dtype, np.floating):
-            raise TypeError(f"dtype must be a floating dtype; got {self.dtype}.")
+        if self.dtype not in PARAMETER_DTYPES:
+            raise TypeError(
+                f"dtype (of γ, β and the running statistics) must be float16, "
+                f"float32 or float64; got {self.dtype}. Inputs may be bfloat16; "
+                "parameters stay in a NumPy float dtype (float32 is the default)."
+            )
+        if backend is not None and backend not in _backend.BACKENDS:
+            raise ValueError(
+                f"backend must be one of {', '.join(map(repr, _backend.BACKENDS))} "
+                f"or None (use $BATCHNORM_BACKEND, else the fastest); got {backend!r}."
+            )
         self.backend = backend
         self.reuse_buffers = bool(reuse_buffers)
         self.virtual_batch_size = _groups.check_virtual_batch_size(virtual_batch_size)
@@ -197,6 +214,17 @@ class BatchNorm:
         self._buffers: dict[str, np.ndarray] = {}
         self.initial_running_mean = float(initial_running_mean)
         self.initial_running_var = float(initial_running_var)
+        if not (
+            np.isfinite(self.initial_running_mean)
+            and np.isfinite(self.initial_running_var)
+            and self.initial_running_var >= 0
+        ):
+            raise ValueError(
+                "initial_running_mean must be finite and initial_running_var finite "
+                f"and >= 0; got {self.initial_running_mean} and "
+                f"{self.initial_running_var}. The defaults are 0 and 1 (darknet: 0 "
+                "and 0)."
+            )
         c = self.num_features
         self.gamma: np.ndarray | None = np.ones(c, self.dtype) if affine else None
         self.beta: np.ndarray | None = np.zeros(c, self.dtype) if affine else None
@@ -292,13 +320,12 @@ class BatchNorm:
         """Normalize ``x`` according to the mode; see the class docstring."""
         x, _ = check_input(x, self.axis)
         self._check_channels(x)
-        self._groups = None
         if not (self.use_batch_stats or self.update_running_stats):
             return self._forward_eval(x)
         if self.virtual_batch_size is not None or self.renorm:
             y, groups = _groups.train_pass(self, x, self._buffer("y", x))
             if self.use_batch_stats:
-                self._groups, self._cache, self._eval_input = groups, None, None
+                self._remember(groups=groups)
                 return y
             return self._forward_eval(x)
         y, cache = F.forward_train(
@@ -315,7 +342,7 @@ class BatchNorm:
         if self.update_running_stats:
             self._absorb(cache.moments)
         if self.use_batch_stats:
-            self._cache, self._eval_input = cache, None
+            self._remember(cache=cache)
             return y
         # update_running_stats without use_batch_stats: normalize with the
         # freshly updated running statistics.
@@ -334,8 +361,18 @@ class BatchNorm:
             backend=self.backend,
             out=self._buffer("y", x),
         )
-        self._cache, self._eval_input = None, np.asarray(x)
+        self._remember(eval_input=np.asarray(x))
         return y
+
+    def _remember(
+        self,
+        *,
+        cache: F.Cache | None = None,
+        groups: _groups.GroupPass | None = None,
+        eval_input: np.ndarray | None = None,
+    ) -> None:
+        """What :meth:`backward` needs from the forward pass that just succeeded."""
+        self._cache, self._groups, self._eval_input = cache, groups, eval_input
 
     def _buffer(self, name: str, like: np.ndarray, *inputs: Any) -> np.ndarray | None:
         """Reused output array ``name`` shaped like ``like``; None by default.
@@ -360,24 +397,49 @@ class BatchNorm:
         if x.shape[self.axis] != self.num_features:
             raise ValueError(
                 f"x has {x.shape[self.axis]} channels on axis {self.axis} (shape "
-                f"{x.shape}); this layer has num_features={self.num_features}."
+                f"{x.shape}); this layer has num_features={self.num_features}. Check "
+                "the channel axis (axis=-1 for channels-last) or build the layer "
+                f"with num_features={x.shape[self.axis]}."
             )
 
     def _absorb(self, moments: Moments) -> None:
         """Fold one batch into the running statistics (all or nothing)."""
-        new_mean, new_var = F.update_running_stats(
-            self.running_mean,
-            self.running_var,
-            moments,
-            momentum=self.momentum,
-            running_var_kind=self.running_var_kind,
-            num_values_seen=self.num_values_seen,
-            on_nonfinite=self.on_nonfinite,
+        update = self._updated_running_stats(
+            self.running_mean, self.running_var, self.num_values_seen, moments
         )
-        if np.isfinite(moments.mean).all() and np.isfinite(moments.m2).all():
-            self.running_mean, self.running_var = new_mean, new_var
+        if update is not None:
+            self.running_mean, self.running_var = update
             self.num_batches_tracked += 1
             self.num_values_seen += moments.count
+
+    def _updated_running_stats(
+        self,
+        running_mean: np.ndarray,
+        running_var: np.ndarray,
+        num_values_seen: int,
+        moments: Moments,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """New running statistics after ``moments``, or None for a skipped batch.
+
+        :func:`functional.update_running_stats` decides what is non-finite (batch
+        statistics, or results that overflow the parameter dtype); this layer's
+        ``on_nonfinite`` decides between raising and skipping with a warning.
+        """
+        try:
+            return F.update_running_stats(
+                running_mean,
+                running_var,
+                moments,
+                momentum=self.momentum,
+                running_var_kind=self.running_var_kind,
+                num_values_seen=num_values_seen,
+                on_nonfinite="raise",
+            )
+        except F.NonFiniteStatisticsError as error:
+            if self.on_nonfinite == "raise":
+                raise
+            warnings.warn(str(error), RuntimeWarning, stacklevel=4)
+            return None
 
     def backward(self, dy: Any) -> np.ndarray:
         """Gradient of the last forward pass; sets ``grad_gamma`` and ``grad_beta``.
@@ -482,7 +544,7 @@ class BatchNorm:
             if key not in expected:
                 continue
             value = np.asarray(state[key])
-            if not np.issubdtype(value.dtype, np.floating):
+            if not is_float_dtype(value.dtype):
                 raise TypeError(
                     f"state_dict[{key!r}] must be a floating array; got dtype "
                     f"{value.dtype}."
@@ -492,14 +554,19 @@ class BatchNorm:
                     f"state_dict[{key!r}] must have shape ({self.num_features},); got "
                     f"{value.shape}."
                 )
-            arrays[key] = value.astype(self.dtype, copy=True)
-        if not np.isfinite(arrays["running_mean"]).all() or not (
-            np.isfinite(arrays["running_var"]).all()
-            and (arrays["running_var"] >= 0).all()
-        ):
-            raise ValueError(
-                "state_dict running statistics must be finite with running_var >= 0."
+            with np.errstate(over="ignore", invalid="ignore"):  # checked next
+                cast = value.astype(self.dtype, copy=True)
+            bad = np.flatnonzero(
+                ~np.isfinite(cast) | ((cast < 0) if key == "running_var" else False)
             )
+            if bad.size:
+                need = "finite and >= 0" if key == "running_var" else "finite"
+                raise ValueError(
+                    f"state_dict[{key!r}] must be {need} (in {self.dtype}); channels "
+                    f"{bad[:8].tolist()} hold {value[bad[:8]].tolist()}. Load a good "
+                    "checkpoint, or reset_running_stats() to start the statistics over."
+                )
+            arrays[key] = cast
         counters = {}
         for key in ("num_batches_tracked", "num_values_seen"):
             value = state[key]
@@ -509,7 +576,9 @@ class BatchNorm:
                     f"state_dict[{key!r}] must be an int; got {type(value).__name__}."
                 )
             if value < 0:
-                raise ValueError(f"state_dict[{key!r}] must be >= 0; got {value}.")
+                raise ValueError(
+                    f"state_dict[{key!r}] must be >= 0 (a count); got {value}."
+                )
             counters[key] = int(value)
         self.running_mean = arrays["running_mean"]
         self.running_var = arrays["running_var"]
