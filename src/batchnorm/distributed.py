@@ -38,6 +38,7 @@ from batchnorm.moments import Moments
 
 _BACKWARD = -1.0
 _ABORT = -2.0
+_INVALID = -3.0
 
 
 class SyncError(RuntimeError):
@@ -99,7 +100,9 @@ class SyncBatchNorm(BatchNorm):
                 "BatchNorm for them, or drop the options to synchronize."
             )
         self.comm = _world() if comm is None else comm
-        if not (isinstance(timeout, int | float) and timeout > 0):
+        if isinstance(timeout, bool) or not (
+            isinstance(timeout, int | float) and timeout > 0
+        ):
             raise ValueError(
                 f"timeout must be a number of seconds > 0; got {timeout!r}."
             )
@@ -164,7 +167,24 @@ class SyncBatchNorm(BatchNorm):
             )
         self._agreed = True
 
+    def _send_marker(self, marker: float, where: str) -> None:
+        """Take part in the collective the other ranks are in, carrying ``marker``.
+
+        Lets a rank that fails locally make every other rank fail at once with
+        the reason, instead of leaving them to wait for the deadline.
+        """
+        self._agree_on_shape()
+        payload = np.zeros(2 * self.num_features + 1)
+        payload[0] = marker
+        self._gather(payload, where)
+
     def _check_phase(self, markers: np.ndarray, expected: str) -> None:
+        invalid = np.flatnonzero(markers == _INVALID)
+        if invalid.size:
+            raise SyncError(
+                f"rank(s) {invalid.tolist()} rejected their input to {expected}() "
+                "(see the error raised there); no rank changed its state."
+            )
         aborted = np.flatnonzero(markers == _ABORT)
         if aborted.size:
             raise SyncError(
@@ -183,9 +203,15 @@ class SyncBatchNorm(BatchNorm):
     # -- forward / backward ----------------------------------------------------------
     def forward(self, x: Any) -> np.ndarray:
         """Normalize with the global batch's statistics (training) or running ones."""
-        x, _ = check_input(x, self.axis)
-        self._check_channels(x)
-        if not (self.use_batch_stats or self.update_running_stats):
+        communicating = self.use_batch_stats or self.update_running_stats
+        try:
+            x, _ = check_input(x, self.axis)
+            self._check_channels(x)
+        except (TypeError, ValueError):
+            if communicating:
+                self._send_marker(_INVALID, "forward")
+            raise
+        if not communicating:
             return self._forward_eval(x)
         self._agree_on_shape()
         local = Moments.from_array(x, self.axis)
@@ -199,8 +225,9 @@ class SyncBatchNorm(BatchNorm):
         if total.count < 2:
             raise ValueError(
                 f"training needs at least 2 values per channel over all ranks; the "
-                f"global batch has m = {total.count} (per rank: "
-                f"{gathered[:, 0].astype(int).tolist()}). Use larger shards."
+                f"global batch has m = N · ∏ spatial = {total.count} (per rank: "
+                f"{gathered[:, 0].astype(int).tolist()}). Use a larger global batch, "
+                "or normalize with the running statistics (layer.eval())."
             )
         if self.update_running_stats:
             self._absorb(total)
@@ -243,16 +270,17 @@ class SyncBatchNorm(BatchNorm):
             if self._eval_input is not None:
                 return super().backward(dy)  # eval mode: local, no communication
             # Tell the other ranks (waiting in their forward) before failing here.
-            self._agree_on_shape()
-            abort = np.zeros(2 * c + 1)
-            abort[0] = _ABORT
-            self._gather(abort, "backward")
+            self._send_marker(_ABORT, "backward")
             raise RuntimeError(
                 "backward() called before forward(): run layer(x) first, then "
                 "layer.backward(dy) with dy shaped like the output."
             )
         x, axis = cache.x, cache.axis
-        dy = F._check_dy(dy, x)
+        try:
+            dy = F._check_dy(dy, x)
+        except (TypeError, ValueError):
+            self._send_marker(_INVALID, "backward")
+            raise
         if x.size:
             _, dgamma, dbeta = _numpy.param_grads(
                 dy, x, axis, cache.mean, cache.inv_std

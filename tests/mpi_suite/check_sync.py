@@ -106,7 +106,7 @@ def test_too_few_values_overall_is_an_error_on_every_rank():
     with pytest.raises(
         ValueError,
         match=r"at least 2 values per channel over all "
-        r"ranks; the global batch has m = 1",
+        r"ranks; the global batch has m = N · ∏ spatial = 1",
     ):
         sync(x)
 
@@ -149,3 +149,33 @@ def test_per_process_options_are_rejected(option):
         SyncBatchNorm(3, **option)
     with pytest.raises(ValueError, match="SyncBatchNorm does not support"):
         SyncBatchNorm.from_layer(bn.BatchNorm(3, **option))
+
+
+def test_bad_input_on_one_rank_fails_every_rank_at_once():
+    sync = SyncBatchNorm(3, timeout=30, backend="numpy")
+    good = np.random.default_rng(RANK).normal(size=(4, 3))
+    start = MPI.Wtime()
+    if RANK == SIZE - 1:
+        with pytest.raises(ValueError, match="x has 2 channels"):
+            sync(good[:, :2])
+    else:
+        with pytest.raises(
+            SyncError,
+            match=rf"rank\(s\) \[{SIZE - 1}\] rejected their "
+            r"input to forward\(\)",
+        ):
+            sync(good)
+    assert MPI.Wtime() - start < 10  # not the 30 s deadline
+    # both ranks still work together afterwards, and backward errors travel too
+    sync(good)
+    if RANK == 0:
+        with pytest.raises(ValueError, match="dy must have the shape"):
+            sync.backward(good[:2])
+    else:
+        with pytest.raises(
+            SyncError,
+            match=r"rank\(s\) \[0\] rejected their input "
+            r"to backward\(\)",
+        ):
+            sync.backward(good)
+    assert sync.num_batches_tracked == 1
