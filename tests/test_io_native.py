@@ -132,6 +132,25 @@ def rewrite(path, mutate) -> None:
             lambda h, a: h["conventions"][""].update(num_batches_tracked=-2),
             "num_batches_tracked must be an int >= 0",
         ),
+        (
+            lambda h, a: h.update(conventions={}),
+            r"header conventions\[''\] must be an object with "
+            r"\['num_batches_tracked', 'num_values_seen'\] .* got None",
+        ),
+        (
+            lambda h, a: h["conventions"][""].pop("num_values_seen"),
+            r"conventions\[''\] must be an object with",
+        ),
+        (lambda h, a: h.update(layers=[1]), "exactly one BatchNorm"),
+        (lambda h, a: h["layers"][0].update(backend="cuda"), "invalid BatchNorm"),
+        (
+            lambda h, a: h["layers"][0].update(initial_running_var=-5.0),
+            "invalid BatchNorm layer spec",
+        ),
+        (
+            lambda h, a: a.update(gamma=np.array([1, np.nan, 1], np.float32)),
+            "gamma has 1 non-finite",
+        ),
     ],
 )
 def test_every_invalid_content_raises_format_error(saved, mutate, match):

@@ -224,7 +224,7 @@ def fill(
                 raise FormatError(
                     f"{source}: array {key!r} has dtype {value.dtype}; expected floats."
                 )
-            if name in ("running_mean", "running_var") and not allow_nonfinite:
+            if not allow_nonfinite:  # parameters and statistics alike
                 bad = ~np.isfinite(value)
                 if name == "running_var":
                     bad |= value < 0

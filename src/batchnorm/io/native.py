@@ -30,6 +30,7 @@ import numpy as np
 
 from batchnorm.io._atomic import atomic_write
 from batchnorm.io._structure import (
+    BN_COUNTERS,
     FormatError,
     Network,
     arrays_of,
@@ -202,17 +203,37 @@ def load(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> Any:
     header, arrays = read_header(path)
     specs = header["layers"]
     if header["kind"] == "layer" and (
-        len(specs) != 1 or specs[0].get("type") != "BatchNorm"
+        len(specs) != 1
+        or not isinstance(specs[0], dict)
+        or specs[0].get("type") != "BatchNorm"
     ):
         raise FormatError(f"{path}: a 'layer' file must hold exactly one BatchNorm.")
     layers = [build(spec) for spec in specs]
     obj: Any = (
         layers[0] if header["kind"] == "layer" else Network(layers, header["metadata"])
     )
-    counters: dict[str, Any] = {
-        prefix: {k: conv.get(k) for k in ("num_batches_tracked", "num_values_seen")}
-        for prefix, conv in header["conventions"].items()
-        if isinstance(conv, dict)
-    }
+    counters = _counters(obj, header["conventions"], path)
     fill(obj, arrays, counters, source=str(path), allow_nonfinite=allow_nonfinite)
     return obj
+
+
+def _counters(obj: Any, conventions: Any, path: Any) -> dict[str, Any]:
+    """Both counters of every BatchNorm, required: a silent 0 would reset them.
+
+    ``num_values_seen`` is the weight of the running statistics under
+    ``momentum=None``; losing it would let the next batch outweigh everything seen.
+    """
+    counters: dict[str, Any] = {}
+    for index, layer in enumerate(layers_of(obj)):
+        if not isinstance(layer, BatchNorm):
+            continue
+        prefix = "" if obj is layer else f"{index}."
+        entry = conventions.get(prefix) if isinstance(conventions, dict) else None
+        if not isinstance(entry, dict) or not all(k in entry for k in BN_COUNTERS):
+            raise FormatError(
+                f"{path}: header conventions[{prefix!r}] must be an object with "
+                f"{list(BN_COUNTERS)} for the BatchNorm at layer {index}; got "
+                f"{entry!r}. The file is damaged or was not written by batchnorm."
+            )
+        counters[prefix] = {k: entry[k] for k in BN_COUNTERS}
+    return counters
