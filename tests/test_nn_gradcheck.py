@@ -80,11 +80,21 @@ def test_maxpool_sends_the_gradient_to_the_first_maximum_only():
 
 @pytest.mark.parametrize(
     "layer",
-    [nn.ReLU(), nn.Sigmoid(), nn.Flatten(), nn.GlobalAvgPool()],
+    [
+        nn.ReLU(),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.GlobalAvgPool(),
+        nn.LeakyReLU(0.1),
+    ],
     ids=repr,
 )
 def test_parameter_free_layers(layer):
     _check_layer(layer, _random((3, 2, 4, 4), 1))
+
+
+def test_softmax_gradient():
+    _check_layer(nn.Softmax(), _random((4, 5), 2))
 
 
 def test_sigmoid_does_not_overflow():

@@ -18,9 +18,9 @@ never returns a half-loaded model. See ``docs/INTEROP.md``.
 [Linear(4, 3, bias=False), BatchNorm(3, ...), ReLU()]
 """
 
-from batchnorm.io._modules import LeakyReLU, Softmax
 from batchnorm.io._structure import FormatError, Network
 from batchnorm.io.native import FORMAT_VERSION, load, save
+from batchnorm.nn.layers import LeakyReLU, Softmax
 
 __all__ = [
     "FORMAT_VERSION",

@@ -15,11 +15,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchnorm.io._modules import LeakyReLU
 from batchnorm.io._structure import FormatError
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d, GlobalAvgPool, MaxPool2d
-from batchnorm.nn.layers import Flatten, Linear, ReLU, Sigmoid
+from batchnorm.nn.layers import Flatten, LeakyReLU, Linear, ReLU, Sigmoid
 
 _SECTIONS = {
     "net": "net",
@@ -237,7 +236,7 @@ def build_layers(
                 raise FormatError(
                     f"{where}: only groups=1 and temperature=1 are supported."
                 )
-            from batchnorm.io._modules import Softmax
+            from batchnorm.nn.layers import Softmax
 
             if len(shape) == 3:
                 layers.append(Flatten())
@@ -266,7 +265,7 @@ def write_text(
     layers: list[Any], input_shape: tuple[int, ...], net_options: list[list[str]] | None
 ) -> str:
     """A cfg text for harness ``layers`` (the inverse of :func:`build_layers`)."""
-    from batchnorm.io._modules import Softmax
+    from batchnorm.nn.layers import Softmax
 
     options = [list(kv) for kv in (net_options or [])]
     known = {k for k, _ in options}

@@ -14,10 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm.io._modules import LeakyReLU, Softmax
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d, GlobalAvgPool, MaxPool2d
-from batchnorm.nn.layers import Flatten, Linear, ReLU, Sequential, Sigmoid
+from batchnorm.nn.layers import (
+    Flatten,
+    LeakyReLU,
+    Linear,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Softmax,
+)
 
 __all__ = [
     "FormatError",

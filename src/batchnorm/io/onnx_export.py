@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 
 from batchnorm.io._atomic import atomic_write
-from batchnorm.io._modules import LeakyReLU, Softmax
 from batchnorm.io._structure import layers_of
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d, GlobalAvgPool, MaxPool2d
-from batchnorm.nn.layers import Flatten, Linear, ReLU, Sigmoid
+from batchnorm.nn.layers import Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Softmax
 
 __all__ = ["OPSET", "export", "to_model"]
 

@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm.io._modules import LeakyReLU, Softmax
 from batchnorm.io._structure import FormatError, Network, describe, fill, layers_of
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d, GlobalAvgPool, MaxPool2d
-from batchnorm.nn.layers import Flatten, Linear, ReLU, Sigmoid
+from batchnorm.nn.layers import Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Softmax
 
 __all__ = [
     "from_module",

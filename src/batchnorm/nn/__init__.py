@@ -22,7 +22,16 @@ share one protocol with the BatchNorm layer: ``forward``, ``backward``,
 from batchnorm.nn.conv import Conv2d, GlobalAvgPool, MaxPool2d
 from batchnorm.nn.data import Split, load_digits, minibatches, train_test_split
 from batchnorm.nn.gradcheck import numerical_gradient
-from batchnorm.nn.layers import Flatten, Linear, Module, ReLU, Sequential, Sigmoid
+from batchnorm.nn.layers import (
+    Flatten,
+    LeakyReLU,
+    Linear,
+    Module,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Softmax,
+)
 from batchnorm.nn.loss import SoftmaxCrossEntropy
 from batchnorm.nn.models import cnn, mlp, paper_mlp
 from batchnorm.nn.optim import SGD, darknet_sgd, seed_sgd, takes_weight_decay
@@ -34,12 +43,14 @@ __all__ = [
     "Flatten",
     "GlobalAvgPool",
     "History",
+    "LeakyReLU",
     "Linear",
     "MaxPool2d",
     "Module",
     "ReLU",
     "Sequential",
     "Sigmoid",
+    "Softmax",
     "SoftmaxCrossEntropy",
     "Split",
     "accuracy",
