@@ -18,7 +18,7 @@ from typing import Any
 from batchnorm.io._structure import FormatError
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d, GlobalAvgPool, MaxPool2d
-from batchnorm.nn.layers import Flatten, LeakyReLU, Linear, ReLU, Sigmoid
+from batchnorm.nn.layers import Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Softmax
 
 _SECTIONS = {
     "net": "net",
@@ -236,8 +236,6 @@ def build_layers(
                 raise FormatError(
                     f"{where}: only groups=1 and temperature=1 are supported."
                 )
-            from batchnorm.nn.layers import Softmax
-
             if len(shape) == 3:
                 layers.append(Flatten())
             layers.append(Softmax())
@@ -265,8 +263,6 @@ def write_text(
     layers: list[Any], input_shape: tuple[int, ...], net_options: list[list[str]] | None
 ) -> str:
     """A cfg text for harness ``layers`` (the inverse of :func:`build_layers`)."""
-    from batchnorm.nn.layers import Softmax
-
     options = [list(kv) for kv in (net_options or [])]
     known = {k for k, _ in options}
     shape_keys = (
