@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 
 BACKENDS = ("numpy", "numba")
@@ -43,6 +44,9 @@ def resolve(backend: str | None) -> ModuleType:
         raise ValueError(
             f"{source} must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}."
         )
+    module = sys.modules.get(_MODULES[name])  # imported already: the common case
+    if module is not None:
+        return module
     try:
         return importlib.import_module(_MODULES[name])
     except ImportError as exc:
