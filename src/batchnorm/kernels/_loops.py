@@ -307,8 +307,12 @@ def grad_sums_mc(dy, x, mean, num_chunks):
 
 
 @serial_and_parallel()
-def dx_ncs(dy, x, mean, inv_std, k_dgamma, dbeta_mean, gain, out, num_chunks):
-    """``dx = ((x − mean)·inv_std·k_dgamma + dy − dbeta_mean)·gain``, (A, C, S)."""
+def dx_ncs(dy, x, mean, slope, dbeta_mean, gain, out, num_chunks):
+    """``dx = ((x − mean)·slope + dy − dbeta_mean)·gain``, (A, C, S).
+
+    ``slope = inv_std·k·dgamma`` per channel: ``x̂·k·dgamma`` with one product
+    fewer per value (and one vector fewer to keep in L1 in ``dx_mc``).
+    """
     outer, channels, inner = x.shape
     rows = outer * channels
     for chunk in prange(num_chunks):
@@ -316,21 +320,19 @@ def dx_ncs(dy, x, mean, inv_std, k_dgamma, dbeta_mean, gain, out, num_chunks):
         for r in range(lo, hi):
             a, c = r // channels, r % channels
             g, src, dst = dy[a, c], x[a, c], out[a, c]
-            m, s, kd, v, w = mean[c], inv_std[c], k_dgamma[c], dbeta_mean[c], gain[c]
+            m, k, v, w = mean[c], slope[c], dbeta_mean[c], gain[c]
             for j in range(inner):
-                x_hat = (np.float64(src[j]) - m) * s
-                dst[j] = (x_hat * kd + np.float64(g[j]) - v) * w
+                dst[j] = ((np.float64(src[j]) - m) * k + np.float64(g[j]) - v) * w
 
 
 @serial_and_parallel()
-def dx_mc(dy, x, out, mean, inv_std, k_dgamma, dbeta_mean, gain, num_chunks):
-    """``dx = ((x − mean)·inv_std·k_dgamma + dy − dbeta_mean)·gain``, (M, C)."""
+def dx_mc(dy, x, out, mean, slope, dbeta_mean, gain, num_chunks):
+    """``dx = ((x − mean)·slope + dy − dbeta_mean)·gain``, (M, C) (see ``dx_ncs``)."""
     rows, channels = x.shape
     for chunk in prange(num_chunks):
         lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
         for r in range(lo, hi):
             g, src, dst = dy[r], x[r], out[r]
             for c in range(channels):
-                x_hat = (np.float64(src[c]) - mean[c]) * inv_std[c]
-                dx = x_hat * k_dgamma[c] + np.float64(g[c]) - dbeta_mean[c]
-                dst[c] = dx * gain[c]
+                dx = (np.float64(src[c]) - mean[c]) * slope[c] + np.float64(g[c])
+                dst[c] = (dx - dbeta_mean[c]) * gain[c]

@@ -280,7 +280,7 @@ def backward_train(
     dgamma = sum_dy_xmu * inv_std
     gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
     dx3 = _target(x3, out)
-    args = (mean, inv_std, _vec(k * dgamma), dbeta / count, _vec(gain))
+    args = (mean, _vec(inv_std * (k * dgamma)), dbeta / count, _vec(gain))
     if x3.shape[2] == 1:
         shape2 = x3.shape[:2]
         arrays = (dy3.reshape(shape2), x3.reshape(shape2), dx3.reshape(shape2))
