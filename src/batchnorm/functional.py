@@ -238,7 +238,10 @@ def _check_out(
             "with np.empty_like(x)."
         )
     if not out.flags.writeable:
-        raise ValueError("out must be writeable; got a read-only array.")
+        raise ValueError(
+            "out must be writeable; got a read-only array. Pass a fresh array "
+            "(np.empty_like(x)) or out=None."
+        )
     for name, array in inputs:
         if np.may_share_memory(out, array) and np.shares_memory(out, array):
             raise ValueError(
@@ -498,7 +501,8 @@ def update_running_stats(
     if moments.count <= ddof:
         raise ValueError(
             f"running_var_kind={kind!r} needs more than {ddof} value per channel in "
-            f"the batch; got count={moments.count}."
+            f"the batch; got count={moments.count}. Use a larger batch, or "
+            "running_var_kind='biased'."
         )
     bad = np.flatnonzero(~(np.isfinite(moments.mean) & np.isfinite(moments.m2)))
     if bad.size:

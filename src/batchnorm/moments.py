@@ -106,6 +106,7 @@ class Moments:
         if self.count <= ddof:
             raise ValueError(
                 f"var(ddof={ddof}) needs more than {ddof} values per channel; these "
-                f"Moments hold count={self.count}."
+                f"Moments hold count={self.count}. Merge more data first, or use "
+                "ddof=0."
             )
         return self.m2 / (self.count - ddof)
