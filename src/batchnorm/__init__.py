@@ -18,5 +18,16 @@ __all__ = [
     "Moments",
     "NonFiniteStatisticsError",
     "functional",
+    "set_num_threads",
 ]
 __version__ = "0.1.0"
+
+
+def set_num_threads(num_threads: int | None) -> None:
+    """Threads for the Numba kernels (None: ``$BATCHNORM_NUM_THREADS`` or all cores).
+
+    Imports Numba; the NumPy backend is unaffected.
+    """
+    from batchnorm.kernels import _numba
+
+    _numba.set_num_threads(num_threads)
