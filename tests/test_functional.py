@@ -289,3 +289,13 @@ def test_darknet_forward_formula():
     np.testing.assert_allclose(
         np.moveaxis(y, 1, -1).reshape(-1, 2), by_hand * gamma + beta, rtol=1e-12
     )
+
+
+def test_set_num_threads_reaches_the_kernels():
+    numba_kernels = pytest.importorskip("batchnorm.kernels._numba")
+    try:
+        bn.set_num_threads(1)
+        assert numba_kernels.get_num_threads() == 1
+    finally:
+        bn.set_num_threads(None)
+    assert numba_kernels.get_num_threads() >= 1
