@@ -8,6 +8,7 @@ import pytest
 import batchnorm as bn
 import naive
 from batchnorm import _backend
+from gradchecks import directional_check, elementwise_check
 
 F = bn.functional
 BACKENDS = _backend.available()
@@ -86,30 +87,6 @@ def test_forward_eval_matches_naive(backend, name, shape, axis, transform):
 
 
 # -- float64 gradient checks with a random upstream gradient -----------------------
-
-
-def directional_check(loss, grads, params, rng, h=1e-6):
-    """Compare (L(p + h v) − L(p − h v)) / 2h with Σ ⟨grad, v⟩ for a random v."""
-    directions = [rng.normal(size=p.shape) for p in params]
-
-    def shifted(sign):
-        return loss(
-            *[p + sign * h * v for p, v in zip(params, directions, strict=True)]
-        )
-
-    numeric = (shifted(+1) - shifted(-1)) / (2 * h)
-    analytic = sum(np.sum(g * v) for g, v in zip(grads, directions, strict=True))
-    np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-9)
-
-
-def elementwise_check(loss, grad, param, h=1e-6):
-    """Central differences for every element of ``param`` (small arrays only)."""
-    numeric = np.zeros_like(param)
-    for idx in np.ndindex(param.shape):
-        bump = np.zeros_like(param)
-        bump[idx] = h
-        numeric[idx] = (loss(param + bump) - loss(param - bump)) / (2 * h)
-    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-8)
 
 
 PRESET_OPTIONS = {

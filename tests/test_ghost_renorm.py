@@ -14,6 +14,7 @@ from batchnorm.renorm import (
     renorm_factors,
     renorm_schedule,
 )
+from gradchecks import directional_check, elementwise_check
 
 C = 3
 
@@ -37,30 +38,6 @@ def run(layer, x, gamma, beta):
     return layer(x)
 
 
-def directional(loss, grads, params, rng, h=1e-6):
-    directions = [rng.normal(size=p.shape) for p in params]
-    shifted = [
-        loss(*[p + s * h * v for p, v in zip(params, directions, strict=True)])
-        for s in (1, -1)
-    ]
-    numeric = (shifted[0] - shifted[1]) / (2 * h)
-    analytic = sum(np.sum(g * v) for g, v in zip(grads, directions, strict=True))
-    np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-9)
-
-
-def elementwise(loss, grad, param, h=1e-6):
-    # Central differences of a float64 sum of O(100) terms carry ~1e-7 of rounding
-    # noise; the gradients are O(1), so the scale-relative atol still catches
-    # any wrong term.
-    numeric = np.zeros_like(param)
-    for idx in np.ndindex(param.shape):
-        bump = np.zeros_like(param)
-        bump[idx] = h
-        numeric[idx] = (loss(param + bump) - loss(param - bump)) / (2 * h)
-    atol = 1e-6 * float(np.abs(numeric).max())
-    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=atol)
-
-
 def check_gradients(layer, x, seed=0):
     """Directional and element-wise checks of dx, dγ, dβ with a random dy."""
     # Not the seed of data(): dy drawn from the same normals as x would be an
@@ -75,10 +52,14 @@ def check_gradients(layer, x, seed=0):
     def loss(x_, g_, b_):
         return float(np.sum(dy * run(layer, x_, g_, b_)))
 
-    directional(loss, grads, (x, gamma, beta), rng)
-    elementwise(lambda x_: loss(x_, gamma, beta), dx, x)
-    elementwise(lambda g_: loss(x, g_, beta), layer.grad_gamma, gamma)
-    elementwise(lambda b_: loss(x, gamma, b_), layer.grad_beta, beta)
+    directional_check(loss, grads, (x, gamma, beta), rng)
+    elementwise_check(lambda x_: loss(x_, gamma, beta), dx, x, atol_scale=1e-6)
+    elementwise_check(
+        lambda g_: loss(x, g_, beta), layer.grad_gamma, gamma, atol_scale=1e-6
+    )
+    elementwise_check(
+        lambda b_: loss(x, gamma, b_), layer.grad_beta, beta, atol_scale=1e-6
+    )
 
 
 # -- ghost batch norm ----------------------------------------------------------------
@@ -331,9 +312,9 @@ def test_renorm_gradient_holds_r_d_constant(placement):
         y_hat = y_hat * r[:, None] + d[:, None]
         return float(np.sum(dy * (g_[:, None] * y_hat + b_[:, None])))
 
-    directional(frozen, (dx, dgamma, dbeta), (x, gamma, beta), rng)
-    elementwise(lambda x_: frozen(x_, gamma, beta), dx, x)
-    elementwise(lambda g_: frozen(x, g_, beta), dgamma, gamma)
+    directional_check(frozen, (dx, dgamma, dbeta), (x, gamma, beta), rng)
+    elementwise_check(lambda x_: frozen(x_, gamma, beta), dx, x, atol_scale=1e-6)
+    elementwise_check(lambda g_: frozen(x, g_, beta), dgamma, gamma, atol_scale=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -359,7 +340,9 @@ def test_eval_gradient_of_new_modes(options):
         layer.gamma, layer.beta = g_, b_
         return float(np.sum(dy * layer(x_)))
 
-    directional(loss, (dx, layer.grad_gamma, layer.grad_beta), (x, gamma, beta), rng)
+    directional_check(
+        loss, (dx, layer.grad_gamma, layer.grad_beta), (x, gamma, beta), rng
+    )
 
 
 def test_ghost_renorm_uses_running_stats_updated_by_earlier_groups():
