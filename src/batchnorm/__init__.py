@@ -9,8 +9,9 @@ True
 
 from batchnorm import functional
 from batchnorm.functional import NonFiniteStatisticsError
-from batchnorm.layer import PRESETS, BatchNorm
+from batchnorm.layer import BatchNorm
 from batchnorm.moments import Moments
+from batchnorm.presets import PRESETS
 
 __all__ = [
     "PRESETS",

@@ -23,43 +23,10 @@ from batchnorm._validation import (
     check_eps,
     check_input,
     check_momentum,
-    is_float_dtype,
 )
 from batchnorm.moments import Moments
+from batchnorm.presets import PARAMETER_DTYPES, PRESETS, check_state_dict
 from batchnorm.renorm import check_renorm_limits
-
-#: Conventions of other systems, expressed in ours (momentum on the OLD value).
-PRESETS: dict[str, dict[str, Any]] = {
-    # darknet's CPU code: (x - μ)/(√var + 1e-6) with var over m - 1, rolling
-    # statistics allocated with calloc (start at 0), rolling = .99 old + .01 new.
-    "darknet": {
-        "eps": 1e-6,
-        "eps_placement": "outside",
-        "ddof": 1,
-        "momentum": 0.99,
-        "running_var_kind": "unbiased",
-        "initial_running_var": 0.0,
-    },
-    # torch.nn.BatchNorm*d: momentum=0.1 on the NEW value, eps=1e-5, unbiased.
-    "torch": {"eps": 1e-5, "momentum": 0.9, "running_var_kind": "unbiased"},
-    # keras.layers.BatchNormalization: momentum=0.99 on the old value, eps=1e-3,
-    # moving variance from the biased batch variance.
-    "keras": {"eps": 1e-3, "momentum": 0.99, "running_var_kind": "biased"},
-    # ONNX BatchNormalization (training mode): momentum 0.9, eps 1e-5, biased.
-    "onnx": {"eps": 1e-5, "momentum": 0.9, "running_var_kind": "biased"},
-}
-
-#: Dtypes for γ, β and the running statistics.
-PARAMETER_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
-_STATE_KEYS = (
-    "gamma",
-    "beta",
-    "running_mean",
-    "running_var",
-    "num_batches_tracked",
-    "num_values_seen",
-)
 
 
 class BatchNorm:
@@ -529,57 +496,9 @@ class BatchNorm:
             Missing or unknown keys, wrong shapes, non-floating arrays, negative or
             non-finite running variance, negative counters.
         """
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a mapping; got {type(state).__name__}.")
-        expected = {k for k in _STATE_KEYS if self.affine or k not in ("gamma", "beta")}
-        missing = sorted(expected - set(state))
-        unknown = sorted(set(state) - expected)
-        if missing or unknown:
-            raise ValueError(
-                f"state_dict keys do not match this layer: missing {missing}, "
-                f"unknown {unknown}. Expected exactly {sorted(expected)}."
-            )
-        arrays: dict[str, np.ndarray] = {}
-        for key in ("gamma", "beta", "running_mean", "running_var"):
-            if key not in expected:
-                continue
-            value = np.asarray(state[key])
-            if not is_float_dtype(value.dtype):
-                raise TypeError(
-                    f"state_dict[{key!r}] must be a floating array; got dtype "
-                    f"{value.dtype}."
-                )
-            if value.shape != (self.num_features,):
-                raise ValueError(
-                    f"state_dict[{key!r}] must have shape ({self.num_features},); got "
-                    f"{value.shape}."
-                )
-            with np.errstate(over="ignore", invalid="ignore"):  # checked next
-                cast = value.astype(self.dtype, copy=True)
-            bad = np.flatnonzero(
-                ~np.isfinite(cast) | ((cast < 0) if key == "running_var" else False)
-            )
-            if bad.size:
-                need = "finite and >= 0" if key == "running_var" else "finite"
-                raise ValueError(
-                    f"state_dict[{key!r}] must be {need} (in {self.dtype}); channels "
-                    f"{bad[:8].tolist()} hold {value[bad[:8]].tolist()}. Load a good "
-                    "checkpoint, or reset_running_stats() to start the statistics over."
-                )
-            arrays[key] = cast
-        counters = {}
-        for key in ("num_batches_tracked", "num_values_seen"):
-            value = state[key]
-            value = value.item() if isinstance(value, np.ndarray) else value
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise TypeError(
-                    f"state_dict[{key!r}] must be an int; got {type(value).__name__}."
-                )
-            if value < 0:
-                raise ValueError(
-                    f"state_dict[{key!r}] must be >= 0 (a count); got {value}."
-                )
-            counters[key] = int(value)
+        arrays, counters = check_state_dict(
+            state, self.num_features, self.dtype, affine=self.affine
+        )
         self.running_mean = arrays["running_mean"]
         self.running_var = arrays["running_var"]
         if self.affine:

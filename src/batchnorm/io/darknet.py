@@ -35,9 +35,10 @@ import numpy as np
 from batchnorm.io import _darknet_cfg as cfg
 from batchnorm.io._atomic import atomic_write
 from batchnorm.io._structure import FormatError, Network, layers_of
-from batchnorm.layer import PRESETS, BatchNorm
+from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d
 from batchnorm.nn.layers import Linear
+from batchnorm.presets import PRESETS
 
 __all__ = ["DEFAULT_HEADER", "load", "save", "weights_layout"]
 
