@@ -192,6 +192,7 @@ ACCURACY_LAYOUTS = [
     ("channels-last", (16, 24, 24, 8), -1),
     ("2d", (4096, 64), 1),
     ("axis middle 5d", (8, 4, 6, 10, 10), 2),
+    ("nchw small (fused)", (8, 16, 16, 16), 1),
 ]
 
 
@@ -204,6 +205,119 @@ def test_float32_variance_accuracy_at_large_means(threads, name, shape, axis, me
     var_ref = x.astype(np.float64).var(axis=axes)
     _, cache = F.forward_train(x, None, None, axis=axis, backend="numba")
     assert np.max(np.abs(cache.var - var_ref) / var_ref) <= 1e-6
+
+
+# -- fused small forward_train ------------------------------------------------------
+FUSED_LAYOUTS = [
+    ("3d", (16, 4, 9), 1),
+    ("nchw", (8, 3, 5, 7), 1),
+    ("nchw bench", (8, 16, 16, 16), 1),
+    ("5d", (4, 3, 2, 5, 6), 1),
+    ("axis middle 5d", (4, 2, 3, 5, 6), 2),
+    ("C=1", (16, 1, 4, 4), 1),
+]
+
+
+def composed_forward_train(x, axis, gamma, beta, eps, eps_placement, ddof):
+    """What functional.forward_train computes without the fused kernel."""
+    count, mean, m2 = _numba.batch_moments(x, axis)
+    inv_std = F.inv_std_of(m2 / (count - ddof), eps, eps_placement)
+    scale = inv_std if gamma is None else inv_std * gamma.astype(np.float64)
+    y = _numba.normalize(x, axis, mean, scale, beta, x.dtype)
+    return count, mean, m2, inv_std, y
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e4, 1e6])
+@pytest.mark.parametrize(
+    "options", [(1e-6, "inside", 0), (1e-3, "outside", 1), (0.0, "inside", 0)]
+)
+@pytest.mark.parametrize("params", [True, False], ids=["gamma beta", "none"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize(("name", "shape", "axis"), FUSED_LAYOUTS)
+def test_fused_forward_train_equals_the_composition(
+    threads, name, shape, axis, dtype, params, options, mean
+):
+    """One compiled call gives bit for bit what batch_moments + normalize give."""
+    rng, x, _, c, axis = make(shape, axis, None, dtype, mean=mean, std=1.0)
+    gamma = rng.uniform(0.5, 1.5, c).astype(np.float32) if params else None
+    beta = rng.normal(size=c).astype(np.float32) if params else None
+    fused = _numba.forward_train(x, axis, gamma, beta, *options)
+    assert fused is not None
+    want = composed_forward_train(x, axis, gamma, beta, *options)
+    assert fused[0] == want[0]
+    for got, expected in zip(fused[1:], want[1:], strict=True):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+    # and within the reductions' bound of the reference, through forward_train
+    y, cache = F.forward_train(
+        x,
+        gamma,
+        beta,
+        axis=axis,
+        eps=options[0],
+        eps_placement=options[1],
+        ddof=options[2],
+        backend="numba",
+    )
+    np.testing.assert_array_equal(y, fused[4])
+    _, mean_ref, m2_ref = _numpy.batch_moments(x, axis)
+    x64 = x.astype(np.float64)
+    d = x64 - per_channel(first_per_channel(x64, axis), x64, axis)
+    abs_x, abs_d = channel_sums(np.abs(x64), axis), channel_sums(np.abs(d), axis)
+    count = cache.count
+    assert_sums_close(cache.mean * count, mean_ref * count, abs_x + abs_d, count)
+    assert_sums_close(cache.moments.m2, m2_ref, channel_sums(d * d, axis), count)
+    if dtype == np.float32 and options[2] == 0:
+        axes = tuple(a for a in range(x.ndim) if a != axis)
+        var_ref = x64.var(axis=axes)
+        assert np.max(np.abs(cache.var - var_ref) / var_ref) <= 1e-6
+
+
+def test_fused_forward_train_out_is_written():
+    _, x, _, c, axis = make((8, 16, 16, 16), 1, None, np.float32)
+    out = np.full_like(x, np.nan)
+    y, _ = F.forward_train(x, None, None, backend="numba", out=out)
+    assert y is out
+    np.testing.assert_array_equal(
+        out, _numba.forward_train(x, 1, None, None, 1e-6, "inside", 0)[4]
+    )
+
+
+def test_fused_forward_train_nan_stays_in_its_channel(threads):
+    _, x, _, c, axis = make((8, 4, 6, 6), 1, None, np.float32, mean=1e4)
+    x[3, 1, 2, 2] = np.nan
+    x[5, 2, 0, 0] = np.inf
+    fused = _numba.forward_train(x, 1, None, None, 1e-6, "inside", 0)
+    assert fused is not None
+    _, mean, m2, inv_std, y = fused
+    assert np.isnan(mean[1]) and np.isnan(m2[1]) and np.isnan(inv_std[1])
+    assert not np.isfinite(mean[2]) and not np.isfinite(m2[2])
+    assert np.all(np.isnan(y[:, 1])) and not np.any(np.isfinite(y[:, 2]))
+    finite = [0, 3]
+    rest = np.ascontiguousarray(x[:, finite])  # the same sums per channel
+    want = composed_forward_train(rest, 1, None, None, 1e-6, "inside", 0)
+    np.testing.assert_array_equal(mean[finite], want[1])
+    np.testing.assert_array_equal(m2[finite], want[2])
+    np.testing.assert_array_equal(y[:, finite], want[4])
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "transform", "dtype"),
+    [
+        ((8, 5, 7, 3), -1, None, np.float32),  # channels-last
+        ((64, 5), 1, None, np.float32),  # (N, C)
+        ((4, 3, 80, 80), 1, None, np.float32),  # parallel size
+        ((8, 3, 10), 1, lambda a: a[:, :, ::2], np.float32),  # strided
+        ((8, 3, 5, 7), 1, None, np.float16),
+    ],
+    ids=["channels-last", "2d", "large", "strided", "float16"],
+)
+def test_fused_forward_train_declines_what_it_does_not_cover(
+    shape, axis, transform, dtype
+):
+    _, x, _, _, axis = make(shape, axis, transform, dtype)
+    assert _numba.forward_train(x, axis, None, None, 1e-6, "inside", 0) is None
+    assert _numpy.forward_train(x, axis, None, None, 1e-6, "inside", 0) is None
 
 
 # -- out= -------------------------------------------------------------------------

@@ -208,11 +208,18 @@ def forward_train(
     if count < 2:
         raise _training_count_error(x, axis, count)
     kernels = _backend.resolve(backend)
-    moments = Moments(*kernels.batch_moments(x, axis))
-    var = moments.m2 / (count - ddof)  # moments.var(ddof); count >= 2 > ddof
-    inv_std = inv_std_of(var, eps, eps_placement)
-    scale = inv_std if gamma is None else inv_std * gamma.astype(np.float64)
-    y = kernels.normalize(x, axis, moments.mean, scale, beta, x.dtype, out=out)
+    # A small tensor in one compiled call where the backend has one (the same
+    # values as the composition below), else statistics, then normalize.
+    fused = kernels.forward_train(x, axis, gamma, beta, eps, eps_placement, ddof, out)
+    if fused is not None:
+        count, mean, m2, inv_std, y = fused
+        moments = Moments(count, mean, m2)
+    else:
+        moments = Moments(*kernels.batch_moments(x, axis))
+        var = moments.m2 / (count - ddof)  # moments.var(ddof); count >= 2 > ddof
+        inv_std = inv_std_of(var, eps, eps_placement)
+        scale = inv_std if gamma is None else inv_std * gamma.astype(np.float64)
+        y = kernels.normalize(x, axis, moments.mean, scale, beta, x.dtype, out=out)
     return y, Cache(x, moments, inv_std, gamma, axis, eps, eps_placement, ddof)
 
 

@@ -104,6 +104,10 @@ def _serial(fn: Callable[..., Any]) -> Any:
     return _jit(fn, parallel=False, fastmath=True)
 
 
+def _jit_serial_exact(fn: Callable[..., Any]) -> Any:
+    return _jit(fn, parallel=False, fastmath=False)
+
+
 @_serial
 def column_sums(partials):
     """Sum a (K, C) float64 array over K."""
@@ -148,6 +152,29 @@ def moments_ncs(x, num_chunks):
             sums[a, c] = s
             squares[a, c] = q
     return finish_moments(pivot, column_sums(sums), column_sums(squares), outer * inner)
+
+
+@_jit_serial_exact
+def train_ncs(x, gamma, beta, eps, inside, ddof, out):
+    """The whole training forward pass of a small (A, C, S) ``x``, on one thread.
+
+    ``(mean, M2)`` as ``moments_ncs``, then in float64 in the reference's order
+    ``var = M2/(m − ddof)``, ``inv_std = 1/√(var + ε)`` (``inside``) or
+    ``1/(√var + ε)``, ``scale = inv_std·γ`` and ``out = (x − mean)·scale + β`` as
+    ``normalize_ncs``: the same values as those calls made one by one, without a
+    dispatch and five NumPy calls on C-value vectors in between (half the time of
+    a 32768-value tensor). ``gamma`` and ``beta`` are float64 (ones and zeros for
+    None). Returns ``(mean, M2, inv_std)``.
+    """
+    outer, _, inner = x.shape
+    mean, m2 = moments_ncs.serial(x, 1)
+    var = m2 / (outer * inner - ddof)
+    if inside:
+        inv_std = 1.0 / np.sqrt(var + eps)
+    else:
+        inv_std = 1.0 / (np.sqrt(var) + eps)
+    normalize_ncs.serial(x, mean, inv_std * gamma, beta, out, 1)
+    return mean, m2, inv_std
 
 
 @_serial

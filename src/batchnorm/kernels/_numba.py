@@ -40,6 +40,7 @@ __all__ = [
     "backward_eval",
     "backward_train",
     "batch_moments",
+    "forward_train",
     "get_num_threads",
     "normalize",
     "set_num_threads",
@@ -242,6 +243,38 @@ def normalize(
     else:
         _pick(_loops.normalize_ncs, n)(x3, *vectors, y3, n)
     return _result(y3, x.shape, out)
+
+
+def forward_train(
+    x: np.ndarray,
+    axis: int,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    eps: float,
+    eps_placement: str,
+    ddof: int,
+    out: np.ndarray | None = None,
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(count, mean, M2, inv_std, y)`` in one compiled call for a small tensor.
+
+    Covers what runs on one thread anyway (under ``PARALLEL_MIN_SIZE`` values)
+    with something after the channel axis (NCHW); returns None for everything
+    else, and the caller composes :func:`batch_moments` and :func:`normalize`.
+    The values are those of that composition (``_loops.train_ncs``).
+    """
+    if x.size >= PARALLEL_MIN_SIZE or axis == x.ndim - 1:
+        return None
+    x3 = _fast_view(x, axis)
+    if x3 is None or x3.shape[2] == 1:
+        return None
+    channels = x3.shape[1]
+    gamma = np.ones(channels) if gamma is None else _vec(gamma)
+    beta = np.zeros(channels) if beta is None else _vec(beta)
+    y3 = _target(x3, out)
+    mean, m2, inv_std = _loops.train_ncs(
+        x3, gamma, beta, float(eps), eps_placement == "inside", ddof, y3
+    )
+    return x3.shape[0] * x3.shape[2], mean, m2, inv_std, _result(y3, x.shape, out)
 
 
 def _grad_sums(

@@ -102,6 +102,25 @@ def normalize(
     return _finish(y, out_dtype, out)
 
 
+def forward_train(
+    x: np.ndarray,
+    axis: int,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    eps: float,
+    eps_placement: str,
+    ddof: int,
+    out: np.ndarray | None = None,
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """None: the reference has no fused training pass.
+
+    ``functional.forward_train`` then composes :func:`batch_moments` and
+    :func:`normalize`; a fast backend may return ``(count, mean, M2, inv_std, y)``
+    computed in one call instead.
+    """
+    return None
+
+
 def _finish(result: np.ndarray, dtype: np.dtype, out: np.ndarray | None) -> np.ndarray:
     """``result`` (float64) cast to ``dtype``, or written into ``out``."""
     if out is None:
