@@ -67,11 +67,22 @@ def _parallel_options() -> dict[str, bool]:
     }
 
 
-def _jit(fn: Callable[..., Any], *, parallel: bool, fastmath: bool) -> Any:
+def _jit(
+    fn: Callable[..., Any], *, parallel: bool, fastmath: bool, entry: bool = True
+) -> Any:
+    """``numba.njit`` with the options of this module.
+
+    No C-callback wrapper (nothing here is used as a first-class function), and
+    for helpers that only compiled code calls (``entry=False``) no Python
+    wrapper either: each wrapper is LLVM code generated, optimized and cached for
+    every specialization, part of the cold compile time.
+    """
     options: dict[str, Any] = {
         "nogil": True,
         "parallel": _parallel_options() if parallel else False,
         "fastmath": set(_REASSOC) if fastmath else False,
+        "no_cfunc_wrapper": True,
+        "no_cpython_wrapper": not entry,
     }
     try:
         return numba.njit(fn, cache=True, **options)
@@ -104,11 +115,16 @@ def _serial(fn: Callable[..., Any]) -> Any:
     return _jit(fn, parallel=False, fastmath=True)
 
 
+def _helper(fn: Callable[..., Any]) -> Any:
+    """A serial loop that only other compiled loops call."""
+    return _jit(fn, parallel=False, fastmath=True, entry=False)
+
+
 def _jit_serial_exact(fn: Callable[..., Any]) -> Any:
     return _jit(fn, parallel=False, fastmath=False)
 
 
-@_serial
+@_helper
 def column_sums(partials):
     """Sum a (K, C) float64 array over K."""
     total = np.zeros(partials.shape[1])
@@ -167,17 +183,18 @@ def train_ncs(x, gamma, beta, eps, inside, ddof, out):
     None). Returns ``(mean, M2, inv_std)``.
     """
     outer, _, inner = x.shape
-    mean, m2 = moments_ncs.serial(x, 1)
+    one = np.int64(1)  # not the literal 1: that would compile the callees again
+    mean, m2 = moments_ncs.serial(x, one)
     var = m2 / (outer * inner - ddof)
     if inside:
         inv_std = 1.0 / np.sqrt(var + eps)
     else:
         inv_std = 1.0 / (np.sqrt(var) + eps)
-    normalize_ncs.serial(x, mean, inv_std * gamma, beta, out, 1)
+    normalize_ncs.serial(x, mean, inv_std * gamma, beta, out, one)
     return mean, m2, inv_std
 
 
-@_serial
+@_helper
 def _shifted_sums_tile(x, pivot, lo, hi, c0, c1, sums, squares):
     """Add ``Σd``, ``Σd²`` (``d = x − pivot``) of rows lo:hi, columns c0:c1.
 
@@ -202,7 +219,7 @@ def _shifted_sums_tile(x, pivot, lo, hi, c0, c1, sums, squares):
             q[j] += d * d
 
 
-@_serial
+@_helper
 def _stream(x, lo, hi):
     """Read rows lo:hi once, as a plain sum, so that the next loop finds them in L2.
 
@@ -286,7 +303,7 @@ def grad_sums_ncs(dy, x, mean, num_chunks):
     return column_sums(sum_dy), column_sums(sum_dy_xmu)
 
 
-@_serial
+@_helper
 def _grad_sums_tile(dy, x, mean, lo, hi, c0, c1, sum_dy, sum_dy_xmu):
     """Add ``Σdy``, ``Σdy·(x − mean)`` of rows lo:hi, columns c0:c1 (4 rows a sweep)."""
     m, s, t = mean[c0:c1], sum_dy[c0:c1], sum_dy_xmu[c0:c1]
