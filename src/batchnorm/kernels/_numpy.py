@@ -129,14 +129,22 @@ def _finish(result: np.ndarray, dtype: np.dtype, out: np.ndarray | None) -> np.n
     return out
 
 
+def _x_hat(
+    x: np.ndarray, axis: int, mean: np.ndarray, inv_std: np.ndarray
+) -> np.ndarray:
+    """``x̂ = (x − mean) · inv_std`` per channel, a new float64 array."""
+    x_hat = np.asarray(x, dtype=np.float64) - _per_channel(mean, x.ndim, axis)
+    x_hat *= _per_channel(inv_std, x.ndim, axis)
+    return x_hat
+
+
 @_quiet
 def param_grads(
     dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray, inv_std: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return ``(x̂, Σ dy·x̂, Σ dy)`` per channel, all float64."""
     axes = reduce_axes(x.ndim, axis)
-    x_hat = np.asarray(x, dtype=np.float64) - _per_channel(mean, x.ndim, axis)
-    x_hat *= _per_channel(inv_std, x.ndim, axis)
+    x_hat = _x_hat(x, axis, mean, inv_std)
     dy64 = np.asarray(dy, dtype=np.float64)
     return x_hat, (dy64 * x_hat).sum(axis=axes), dy64.sum(axis=axes)
 
@@ -178,8 +186,7 @@ def backward_apply(
     The sums and ``count`` may cover more data than ``x`` (a batch split across
     processes): this is the second half of :func:`backward_train`.
     """
-    x_hat = np.asarray(x, dtype=np.float64) - _per_channel(mean, x.ndim, axis)
-    x_hat *= _per_channel(inv_std, x.ndim, axis)
+    x_hat = _x_hat(x, axis, mean, inv_std)
     dx = _apply_train(dy, x_hat, axis, inv_std, gamma, k, count, dgamma, dbeta)
     return _finish(dx, x.dtype, out)
 
