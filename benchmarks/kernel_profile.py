@@ -55,22 +55,30 @@ def loops_for(x: np.ndarray, layout: str) -> dict[str, Callable[[], Any]]:
         "floor read2": lambda: _floor.read2.serial(flat, dy_flat, 1),
         "floor add": lambda: _floor.add.serial(flat, dy_flat, out_flat, 1),
     }
+    none = [np.empty(0)] * 4  # vectors an operation does not use
+
+    def ncs(*args: Any) -> Any:
+        return _loops.ncs.serial(*args, 1)
+
+    def mc(*args: Any) -> Any:
+        return _loops.mc.serial(*args, 1)
+
     if layout == "nchw":
         x3, dy3, out3 = (a.reshape(a.shape[0], a.shape[1], -1) for a in (x, dy, out))
         c = vectors(x3.shape[1])
         calls |= {
-            "moments": lambda: _loops.moments_ncs.serial(x3, 1),
-            "normalize": lambda: _loops.normalize_ncs.serial(x3, *c[:3], out3, 1),
-            "grad sums": lambda: _loops.grad_sums_ncs.serial(dy3, x3, c[0], 1),
-            "dx": lambda: _loops.dx_ncs.serial(dy3, x3, *c, out3, 1),
+            "moments": lambda: ncs(_loops.MOMENTS, x3, x3, out3, *none),
+            "normalize": lambda: ncs(_loops.NORMALIZE, x3, x3, out3, *c[:3], none[0]),
+            "grad sums": lambda: ncs(_loops.GRAD_SUMS, x3, dy3, out3, c[0], *none[1:]),
+            "dx": lambda: ncs(_loops.DX, x3, dy3, out3, *c),
         }
     else:
         w = vectors(x.shape[1])
         calls |= {
-            "moments": lambda: _loops.shifted_sums_mc.serial(x, w[0], 1),
-            "normalize": lambda: _loops.normalize_mc.serial(x, out, *w[:3], 1),
-            "grad sums": lambda: _loops.grad_sums_mc.serial(dy, x, w[0], 1),
-            "dx": lambda: _loops.dx_mc.serial(dy, x, out, *w, 1),
+            "moments": lambda: mc(_loops.MOMENTS, x, x, out, w[0], *none[1:]),
+            "normalize": lambda: mc(_loops.NORMALIZE, x, x, out, *w[:3], none[0]),
+            "grad sums": lambda: mc(_loops.GRAD_SUMS, x, dy, out, w[0], *none[1:]),
+            "dx": lambda: mc(_loops.DX, x, dy, out, *w),
         }
     return calls
 

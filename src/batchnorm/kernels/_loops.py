@@ -12,10 +12,17 @@ the views and falls back to the reference for everything else):
   rows; each range keeps float64 partial sums per column, filled one tile of
   ``_TILE`` columns and four rows at a time so that they stay in L1.
 
-Every entry point takes ``num_chunks``, the number of threads to split the work
-into (never ``numba.get_num_threads()`` inside a kernel: that defeats caching),
-and exists twice: ``.parallel`` (``prange``) and ``.serial`` (the same code
-compiled without threads, for tensors too small to pay for a parallel launch).
+Each layout has one entry point, a launcher (:func:`ncs`, :func:`mc`) that takes
+the operation as its first argument (``MOMENTS``, ``NORMALIZE``, ``GRAD_SUMS``,
+``DX``) and runs that operation's row body on each of ``num_chunks`` row ranges:
+one ``prange`` build per layout and dtype instead of one per operation, because
+each parallel build costs about a second of cold compilation, mostly fixed (parfor
+lowering, the gufunc, LLVM passes over the linked bodies). ``num_chunks`` is the
+number of threads to split the work into (never ``numba.get_num_threads()``
+inside a kernel: that defeats caching). Each launcher exists twice:
+``.parallel`` (``prange``) and ``.serial`` (the same code compiled without
+threads, for tensors too small to pay for a parallel launch). The row bodies are
+helpers without Python wrappers, compiled once and linked into both.
 
 Statistics are shifted sums in float64: with ``p`` the first value of the channel,
 ``mean = p + Σd/m`` and ``M2 = Σd² − (Σd)²/m`` for ``d = x − p``. Because ``p`` is
@@ -120,6 +127,11 @@ def _helper(fn: Callable[..., Any]) -> Any:
     return _jit(fn, parallel=False, fastmath=True, entry=False)
 
 
+def _helper_exact(fn: Callable[..., Any]) -> Any:
+    """A helper evaluated exactly as written (no reassociation, no contraction)."""
+    return _jit(fn, parallel=False, fastmath=False, entry=False)
+
+
 def _jit_serial_exact(fn: Callable[..., Any]) -> Any:
     return _jit(fn, parallel=False, fastmath=False)
 
@@ -144,54 +156,156 @@ def finish_moments(pivot, sums, squares, count):
     return mean, m2
 
 
-@serial_and_parallel(fastmath=True)
-def moments_ncs(x, num_chunks):
-    """Per-channel ``(mean, M2)`` of ``x`` viewed as (A, C, S), float64."""
-    outer, channels, inner = x.shape
-    pivot = np.empty(channels)
-    for c in range(channels):
-        pivot[c] = x[0, c, 0]
-    sums = np.empty((outer, channels))
-    squares = np.empty((outer, channels))
+# The operations a launcher runs (its first argument).
+MOMENTS, NORMALIZE, GRAD_SUMS, DX = 0, 1, 2, 3
+
+
+# ---- (A, C, S): bodies over the rows lo:hi of the A·C rows ----------------------
+
+
+@_helper
+def _moments_rows(x, pivot, lo, hi, sums, squares):
+    """``Σd``, ``Σd²`` (``d = x − pivot``) of each row into ``sums[a, c]`` etc."""
+    channels, inner = x.shape[1], x.shape[2]
+    for r in range(lo, hi):
+        a, c = r // channels, r % channels
+        row, p = x[a, c], pivot[c]
+        s = 0.0
+        q = 0.0
+        for j in range(inner):
+            d = np.float64(row[j]) - p
+            s += d
+            q += d * d
+        sums[a, c] = s
+        squares[a, c] = q
+
+
+@_helper_exact
+def _normalize_rows(x, mean, scale, shift, out, lo, hi):
+    """``out = (x − mean) · scale + shift`` on rows lo:hi."""
+    channels, inner = x.shape[1], x.shape[2]
+    for r in range(lo, hi):
+        a, c = r // channels, r % channels
+        src, dst = x[a, c], out[a, c]
+        m, k, b = mean[c], scale[c], shift[c]
+        for j in range(inner):
+            dst[j] = (np.float64(src[j]) - m) * k + b
+
+
+@_helper
+def _grad_sums_rows(dy, x, mean, lo, hi, sum_dy, sum_dy_xmu):
+    """``Σ dy`` and ``Σ dy·(x − mean)`` of each row."""
+    channels, inner = x.shape[1], x.shape[2]
+    for r in range(lo, hi):
+        a, c = r // channels, r % channels
+        g, src, m = dy[a, c], x[a, c], mean[c]
+        s = 0.0
+        t = 0.0
+        for j in range(inner):
+            gj = np.float64(g[j])
+            s += gj
+            t += gj * (np.float64(src[j]) - m)
+        sum_dy[a, c] = s
+        sum_dy_xmu[a, c] = t
+
+
+@_helper_exact
+def _dx_rows(dy, x, mean, slope, dbeta_mean, gain, out, lo, hi):
+    """``dx = ((x − mean)·slope + dy − dbeta_mean)·gain`` on rows lo:hi.
+
+    ``slope = inv_std·k·dgamma`` per channel: ``x̂·k·dgamma`` with one product
+    fewer per value (and one vector fewer to keep in L1 in ``_dx_mc_rows``).
+    """
+    channels, inner = x.shape[1], x.shape[2]
+    for r in range(lo, hi):
+        a, c = r // channels, r % channels
+        g, src, dst = dy[a, c], x[a, c], out[a, c]
+        m, k, v, w = mean[c], slope[c], dbeta_mean[c], gain[c]
+        for j in range(inner):
+            dst[j] = ((np.float64(src[j]) - m) * k + np.float64(g[j]) - v) * w
+
+
+@serial_and_parallel()
+def ncs(op, x, dy, out, v0, v1, v2, v3, num_chunks):
+    """Run operation ``op`` on (A, C, S) views, split into ``num_chunks`` row ranges.
+
+    ======== ========================= =========================================
+    op       arguments used            result
+    ======== ========================= =========================================
+    MOMENTS  x                         ``(mean, M2)`` per channel
+    NORMALIZE x, out, v0-v2 = mean,    ``out = (x − v0)·v1 + v2``; empty arrays
+             scale, shift
+    GRAD_SUMS dy, x, v0 = mean         ``(Σ dy, Σ dy·(x − mean))`` per channel
+    DX       dy, x, out, v0-v3 = mean, ``out = ((x − v0)·v1 + dy − v2)·v3``;
+             slope, dbeta_mean, gain   empty arrays
+    ======== ========================= =========================================
+
+    Unused arguments take any array of their type. One parallel build serves every
+    operation: each ``prange`` loop costs about a second of cold compilation, most
+    of it fixed, whatever its body. Partial sums are kept per row and added in row
+    order, so the reductions do not depend on ``num_chunks``.
+    """
+    outer, channels, _ = x.shape
     rows = outer * channels
+    reduce = op == MOMENTS or op == GRAD_SUMS
+    parts = outer if reduce else 0
+    p0 = np.empty((parts, channels))
+    p1 = np.empty((parts, channels))
+    pivot = np.empty(channels if op == MOMENTS else 0)
+    for c in range(pivot.size):
+        pivot[c] = x[0, c, 0]
     for chunk in prange(num_chunks):
         lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        for r in range(lo, hi):
-            a, c = r // channels, r % channels
-            row, p = x[a, c], pivot[c]
-            s = 0.0
-            q = 0.0
-            for j in range(inner):
-                d = np.float64(row[j]) - p
-                s += d
-                q += d * d
-            sums[a, c] = s
-            squares[a, c] = q
-    return finish_moments(pivot, column_sums(sums), column_sums(squares), outer * inner)
+        if op == MOMENTS:
+            _moments_rows(x, pivot, lo, hi, p0, p1)
+        elif op == NORMALIZE:
+            _normalize_rows(x, v0, v1, v2, out, lo, hi)
+        elif op == GRAD_SUMS:
+            _grad_sums_rows(dy, x, v0, lo, hi, p0, p1)
+        else:
+            _dx_rows(dy, x, v0, v1, v2, v3, out, lo, hi)
+    if op == MOMENTS:
+        count = outer * x.shape[2]
+        return finish_moments(pivot, column_sums(p0), column_sums(p1), count)
+    if op == GRAD_SUMS:
+        return column_sums(p0), column_sums(p1)
+    return np.empty(0), np.empty(0)
 
 
 @_jit_serial_exact
 def train_ncs(x, gamma, beta, eps, inside, ddof, out):
     """The whole training forward pass of a small (A, C, S) ``x``, on one thread.
 
-    ``(mean, M2)`` as ``moments_ncs``, then in float64 in the reference's order
+    ``(mean, M2)`` as ``ncs(MOMENTS)``, then in float64 in the reference's order
     ``var = M2/(m − ddof)``, ``inv_std = 1/√(var + ε)`` (``inside``) or
     ``1/(√var + ε)``, ``scale = inv_std·γ`` and ``out = (x − mean)·scale + β`` as
-    ``normalize_ncs``: the same values as those calls made one by one, without a
-    dispatch and five NumPy calls on C-value vectors in between (half the time of
-    a 32768-value tensor). ``gamma`` and ``beta`` are float64 (ones and zeros for
-    None). Returns ``(mean, M2, inv_std)``.
+    ``ncs(NORMALIZE)``: the same row bodies and the same values as those calls
+    made one by one, without a dispatch and five NumPy calls on C-value vectors in
+    between (half the time of a 32768-value tensor). ``gamma`` and ``beta`` are
+    float64 (ones and zeros for None). Returns ``(mean, M2, inv_std)``.
     """
-    outer, _, inner = x.shape
-    one = np.int64(1)  # not the literal 1: that would compile the callees again
-    mean, m2 = moments_ncs.serial(x, one)
+    outer, channels, inner = x.shape
+    rows = outer * channels
+    zero = np.int64(0)  # not the literal 0: that would compile the bodies again
+    pivot = np.empty(channels)
+    for c in range(channels):
+        pivot[c] = x[0, c, 0]
+    sums = np.empty((outer, channels))
+    squares = np.empty((outer, channels))
+    _moments_rows(x, pivot, zero, rows, sums, squares)
+    mean, m2 = finish_moments(
+        pivot, column_sums(sums), column_sums(squares), outer * inner
+    )
     var = m2 / (outer * inner - ddof)
     if inside:
         inv_std = 1.0 / np.sqrt(var + eps)
     else:
         inv_std = 1.0 / (np.sqrt(var) + eps)
-    normalize_ncs.serial(x, mean, inv_std * gamma, beta, out, one)
+    _normalize_rows(x, mean, inv_std * gamma, beta, out, zero, rows)
     return mean, m2, inv_std
+
+
+# ---- (M, W), channels last: bodies over the rows lo:hi --------------------------
 
 
 @_helper
@@ -217,90 +331,6 @@ def _shifted_sums_tile(x, pivot, lo, hi, c0, c1, sums, squares):
             d = np.float64(row[j]) - p[j]
             s[j] += d
             q[j] += d * d
-
-
-@_helper
-def _stream(x, lo, hi):
-    """Read rows lo:hi once, as a plain sum, so that the next loop finds them in L2.
-
-    The partial-sum loops below store to L1 every few values; measured on a 51 MB
-    tensor they then stream DRAM at a third of a plain read's speed, while from L2
-    they run at full speed. Reading each block first restores the streaming.
-    """
-    flat = x[lo:hi].reshape(-1)
-    total = np.float32(0.0)
-    for i in range(flat.size):
-        total += flat[i]
-    return total
-
-
-@serial_and_parallel(fastmath=True)
-def shifted_sums_mc(x, pivot, num_chunks):
-    """Per-column ``(Σd, Σd²)``, ``d = x − pivot``, of (M, W) ``x``, float64."""
-    rows, width = x.shape
-    sums = np.zeros((num_chunks, width + 1))  # the last column sinks _stream's sum
-    squares = np.zeros((num_chunks, width))
-    block = max(4, _BLOCK_VALUES // width // 4 * 4)
-    for chunk in prange(num_chunks):
-        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        s, q = sums[chunk], squares[chunk]
-        for r0 in range(lo, hi, block):
-            r1 = min(r0 + block, hi)
-            s[width] += _stream(x, r0, r1)
-            for c0 in range(0, width, _TILE):
-                c1 = min(c0 + _TILE, width)
-                _shifted_sums_tile(x, pivot, r0, r1, c0, c1, s, q)
-    return column_sums(sums)[:width], column_sums(squares)
-
-
-@serial_and_parallel()
-def normalize_ncs(x, mean, scale, shift, out, num_chunks):
-    """``out = (x − mean) · scale + shift`` per channel, x viewed as (A, C, S)."""
-    outer, channels, inner = x.shape
-    rows = outer * channels
-    for chunk in prange(num_chunks):
-        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        for r in range(lo, hi):
-            a, c = r // channels, r % channels
-            src, dst = x[a, c], out[a, c]
-            m, k, b = mean[c], scale[c], shift[c]
-            for j in range(inner):
-                dst[j] = (np.float64(src[j]) - m) * k + b
-
-
-@serial_and_parallel()
-def normalize_mc(x, out, mean, scale, shift, num_chunks):
-    """``out = (x − mean) · scale + shift`` per channel, channels-last (M, C)."""
-    rows, channels = x.shape
-    for chunk in prange(num_chunks):
-        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        for r in range(lo, hi):
-            src, dst = x[r], out[r]
-            for c in range(channels):
-                dst[c] = (np.float64(src[c]) - mean[c]) * scale[c] + shift[c]
-
-
-@serial_and_parallel(fastmath=True)
-def grad_sums_ncs(dy, x, mean, num_chunks):
-    """Per-channel ``(Σ dy, Σ dy·(x − mean))`` for (A, C, S) views, float64."""
-    outer, channels, inner = x.shape
-    sum_dy = np.empty((outer, channels))
-    sum_dy_xmu = np.empty((outer, channels))
-    rows = outer * channels
-    for chunk in prange(num_chunks):
-        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        for r in range(lo, hi):
-            a, c = r // channels, r % channels
-            g, src, m = dy[a, c], x[a, c], mean[c]
-            s = 0.0
-            t = 0.0
-            for j in range(inner):
-                gj = np.float64(g[j])
-                s += gj
-                t += gj * (np.float64(src[j]) - m)
-            sum_dy[a, c] = s
-            sum_dy_xmu[a, c] = t
-    return column_sums(sum_dy), column_sums(sum_dy_xmu)
 
 
 @_helper
@@ -331,52 +361,90 @@ def _grad_sums_tile(dy, x, mean, lo, hi, c0, c1, sum_dy, sum_dy_xmu):
             t[j] += np.float64(g[j]) * (np.float64(src[j]) - m[j])
 
 
-@serial_and_parallel(fastmath=True)
-def grad_sums_mc(dy, x, mean, num_chunks):
-    """Per-column ``(Σ dy, Σ dy·(x − mean))`` of (M, W) arrays, float64."""
-    rows, width = x.shape
-    sum_dy = np.zeros((num_chunks, width + 1))  # the last column sinks _stream's sum
-    sum_dy_xmu = np.zeros((num_chunks, width))
-    block = max(4, _BLOCK_VALUES // width // 4 * 4)
-    for chunk in prange(num_chunks):
-        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        s, t = sum_dy[chunk], sum_dy_xmu[chunk]
-        for r0 in range(lo, hi, block):
-            r1 = min(r0 + block, hi)
-            s[width] += _stream(dy, r0, r1) + _stream(x, r0, r1)
-            for c0 in range(0, width, _TILE):
-                c1 = min(c0 + _TILE, width)
-                _grad_sums_tile(dy, x, mean, r0, r1, c0, c1, s, t)
-    return column_sums(sum_dy)[:width], column_sums(sum_dy_xmu)
+@_helper
+def _stream(x, lo, hi):
+    """Read rows lo:hi once, as a plain sum, so that the next loop finds them in L2.
 
-
-@serial_and_parallel()
-def dx_ncs(dy, x, mean, slope, dbeta_mean, gain, out, num_chunks):
-    """``dx = ((x − mean)·slope + dy − dbeta_mean)·gain``, (A, C, S).
-
-    ``slope = inv_std·k·dgamma`` per channel: ``x̂·k·dgamma`` with one product
-    fewer per value (and one vector fewer to keep in L1 in ``dx_mc``).
+    The partial-sum loops above store to L1 every few values; measured on a 51 MB
+    tensor they then stream DRAM at a third of a plain read's speed, while from L2
+    they run at full speed. Reading each block first restores the streaming.
     """
-    outer, channels, inner = x.shape
-    rows = outer * channels
-    for chunk in prange(num_chunks):
-        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        for r in range(lo, hi):
-            a, c = r // channels, r % channels
-            g, src, dst = dy[a, c], x[a, c], out[a, c]
-            m, k, v, w = mean[c], slope[c], dbeta_mean[c], gain[c]
-            for j in range(inner):
-                dst[j] = ((np.float64(src[j]) - m) * k + np.float64(g[j]) - v) * w
+    total = np.float32(0.0)
+    for r in range(lo, hi):
+        row = x[r]
+        for j in range(row.size):
+            total += row[j]
+    return total
+
+
+@_helper
+def _reduce_mc_rows(op, dy, x, v0, lo, hi, s, q):
+    """Per-column sums of rows lo:hi into ``s[:W]`` and ``q``, a block at a time.
+
+    ``op`` MOMENTS: ``Σd``, ``Σd²`` of ``d = x − v0``; GRAD_SUMS: ``Σ dy``,
+    ``Σ dy·(x − v0)``. Each block of rows is first streamed into L2 (``_stream``,
+    whose sum sinks into ``s[W]``), then added one tile of ``_TILE`` columns at a
+    time, so that the float64 partials stay in L1.
+    """
+    width = x.shape[1]
+    block = max(4, _BLOCK_VALUES // width // 4 * 4)
+    for r0 in range(lo, hi, block):
+        r1 = min(r0 + block, hi)
+        if op == MOMENTS:
+            s[width] += _stream(x, r0, r1)
+        else:
+            s[width] += _stream(dy, r0, r1) + _stream(x, r0, r1)
+        for c0 in range(0, width, _TILE):
+            c1 = min(c0 + _TILE, width)
+            if op == MOMENTS:
+                _shifted_sums_tile(x, v0, r0, r1, c0, c1, s, q)
+            else:
+                _grad_sums_tile(dy, x, v0, r0, r1, c0, c1, s, q)
+
+
+@_helper_exact
+def _normalize_mc_rows(x, out, mean, scale, shift, lo, hi):
+    """``out = (x − mean) · scale + shift`` per channel on rows lo:hi."""
+    channels = x.shape[1]
+    for r in range(lo, hi):
+        src, dst = x[r], out[r]
+        for c in range(channels):
+            dst[c] = (np.float64(src[c]) - mean[c]) * scale[c] + shift[c]
+
+
+@_helper_exact
+def _dx_mc_rows(dy, x, out, mean, slope, dbeta_mean, gain, lo, hi):
+    """``dx = ((x − mean)·slope + dy − dbeta_mean)·gain`` on rows lo:hi."""
+    channels = x.shape[1]
+    for r in range(lo, hi):
+        g, src, dst = dy[r], x[r], out[r]
+        for c in range(channels):
+            dx = (np.float64(src[c]) - mean[c]) * slope[c] + np.float64(g[c])
+            dst[c] = (dx - dbeta_mean[c]) * gain[c]
 
 
 @serial_and_parallel()
-def dx_mc(dy, x, out, mean, slope, dbeta_mean, gain, num_chunks):
-    """``dx = ((x − mean)·slope + dy − dbeta_mean)·gain``, (M, C) (see ``dx_ncs``)."""
-    rows, channels = x.shape
+def mc(op, x, dy, out, v0, v1, v2, v3, num_chunks):
+    """Run operation ``op`` on channels-last (M, W) arrays, in ``num_chunks`` ranges.
+
+    Arguments as :func:`ncs`, except that MOMENTS takes the pivot as ``v0`` and
+    both reductions return per-column sums (``(Σd, Σd²)`` and
+    ``(Σ dy, Σ dy·(x − mean))``), which the caller adds per channel when it has
+    folded rows; partial sums are kept per chunk.
+    """
+    rows, width = x.shape
+    reduce = op == MOMENTS or op == GRAD_SUMS
+    parts = num_chunks if reduce else 0
+    p0 = np.zeros((parts, width + 1))  # the last column sinks _stream's sum
+    p1 = np.zeros((parts, width))
     for chunk in prange(num_chunks):
         lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        for r in range(lo, hi):
-            g, src, dst = dy[r], x[r], out[r]
-            for c in range(channels):
-                dx = (np.float64(src[c]) - mean[c]) * slope[c] + np.float64(g[c])
-                dst[c] = (dx - dbeta_mean[c]) * gain[c]
+        if op == NORMALIZE:
+            _normalize_mc_rows(x, out, v0, v1, v2, lo, hi)
+        elif op == DX:
+            _dx_mc_rows(dy, x, out, v0, v1, v2, v3, lo, hi)
+        else:
+            _reduce_mc_rows(op, dy, x, v0, lo, hi, p0[chunk], p1[chunk])
+    if reduce:
+        return column_sums(p0)[:width], column_sums(p1)
+    return np.empty(0), np.empty(0)

@@ -177,28 +177,66 @@ def _folds(rows: int, channels: int, size: int) -> tuple[int, int]:
     return k, rows - rows % k
 
 
-def _channels_last(
-    pair: _loops.KernelPair,
+_NONE = np.empty(0)  # a per-channel vector that an operation does not use
+
+
+def _run_ncs(
+    op: int,
     n: int,
-    arrays: tuple[np.ndarray, ...],
+    x3: np.ndarray,
+    dy: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+    *vectors: np.ndarray,
+) -> Any:
+    """``_loops.ncs`` with the arrays ``op`` uses and up to four vectors.
+
+    Unused arrays are stand-ins of the right type (``x`` for ``dy``, an empty
+    array for ``out``), so that every operation shares one compiled build.
+    """
+    return _pick(_loops.ncs, n)(
+        op,
+        x3,
+        x3 if dy is None else dy,
+        np.empty((0, 0, 0), x3.dtype) if out is None else out,
+        *vectors,
+        *(_NONE,) * (4 - len(vectors)),
+        n,
+    )
+
+
+def _channels_last(
+    op: int,
+    n: int,
+    x: np.ndarray,
+    dy: np.ndarray | None,
+    out: np.ndarray | None,
     vectors: tuple[np.ndarray, ...],
 ) -> Any:
-    """Run a channels-last loop on (M, C) ``arrays`` (inputs, then any output).
+    """Run ``_loops.mc`` on (M, C) arrays; reductions come back per channel.
 
-    Reductions return per-column sums; they are added back per channel.
+    Short rows are folded (see ``_folds``): the loop sees (M/k, k·C) arrays and
+    per-channel vectors tiled ``k`` times, and per-column sums are added back per
+    channel; the rows that do not fill a fold run on one thread.
     """
-    rows, channels = arrays[0].shape
-    k, main = _folds(rows, channels, arrays[0].size)
+    rows, channels = x.shape
+    dy = x if dy is None else dy
+    out = np.empty((0, 0), x.dtype) if out is None else out
+    padded = (*vectors, *(_NONE,) * (4 - len(vectors)))
+    k, main = _folds(rows, channels, x.size)
     if k == 1:
-        return _pick(pair, n)(*arrays, *vectors, n)
-    folded = [a[:main].reshape(main // k, k * channels) for a in arrays]
-    result = _pick(pair, n)(*folded, *[np.tile(v, k) for v in vectors], n)
-    if result is not None:
+        return _pick(_loops.mc, n)(op, x, dy, out, *padded, n)
+    folded = [
+        a[:main].reshape(main // k, k * channels) if a.size else a for a in (x, dy, out)
+    ]
+    tiled = [np.tile(v, k) if v.size else v for v in padded]
+    result = _pick(_loops.mc, n)(op, *folded, *tiled, n)
+    if op in (_loops.MOMENTS, _loops.GRAD_SUMS):
         result = [r.reshape(k, channels).sum(axis=0) for r in result]
     if main < rows:
-        rest = pair.serial(*[a[main:] for a in arrays], *vectors, 1)
-        if result is not None:
-            result = [r + extra for r, extra in zip(result, rest, strict=True)]
+        rest = [a[main:] if a.size else a for a in (x, dy, out)]
+        extra = _loops.mc.serial(op, *rest, *padded, 1)
+        if op in (_loops.MOMENTS, _loops.GRAD_SUMS):
+            result = [r + e for r, e in zip(result, extra, strict=True)]
     return result
 
 
@@ -212,10 +250,10 @@ def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray
     if inner == 1:
         x2 = x3.reshape(x3.shape[:2])
         pivot = x2[0].astype(np.float64)
-        sums, squares = _channels_last(_loops.shifted_sums_mc, n, (x2,), (pivot,))
+        sums, squares = _channels_last(_loops.MOMENTS, n, x2, None, None, (pivot,))
         mean, m2 = _loops.finish_moments(pivot, sums, squares, outer)
     else:
-        mean, m2 = _pick(_loops.moments_ncs, n)(x3, n)
+        mean, m2 = _run_ncs(_loops.MOMENTS, n, x3)
     return outer * inner, mean, m2
 
 
@@ -238,10 +276,11 @@ def normalize(
     vectors = (_vec(mean), _vec(scale), _vec(shift))
     if x3.shape[2] == 1:
         shape2 = x3.shape[:2]
-        arrays = (x3.reshape(shape2), y3.reshape(shape2))
-        _channels_last(_loops.normalize_mc, n, arrays, vectors)
+        _channels_last(
+            _loops.NORMALIZE, n, x3.reshape(shape2), None, y3.reshape(shape2), vectors
+        )
     else:
-        _pick(_loops.normalize_ncs, n)(x3, *vectors, y3, n)
+        _run_ncs(_loops.NORMALIZE, n, x3, None, y3, *vectors)
     return _result(y3, x.shape, out)
 
 
@@ -282,10 +321,12 @@ def _grad_sums(
 ) -> tuple[np.ndarray, np.ndarray]:
     if x3.shape[2] == 1:
         shape2 = x3.shape[:2]
-        arrays = (dy3.reshape(shape2), x3.reshape(shape2))
-        sum_dy, sum_dy_xmu = _channels_last(_loops.grad_sums_mc, n, arrays, (mean,))
+        sum_dy, sum_dy_xmu = _channels_last(
+            _loops.GRAD_SUMS, n, x3.reshape(shape2), dy3.reshape(shape2), None, (mean,)
+        )
         return sum_dy, sum_dy_xmu
-    return _pick(_loops.grad_sums_ncs, n)(dy3, x3, mean, n)
+    sum_dy, sum_dy_xmu = _run_ncs(_loops.GRAD_SUMS, n, x3, dy3, None, mean)
+    return sum_dy, sum_dy_xmu
 
 
 @_numpy._quiet
@@ -316,10 +357,10 @@ def backward_train(
     args = (mean, _vec(inv_std * (k * dgamma)), dbeta / count, _vec(gain))
     if x3.shape[2] == 1:
         shape2 = x3.shape[:2]
-        arrays = (dy3.reshape(shape2), x3.reshape(shape2), dx3.reshape(shape2))
-        _channels_last(_loops.dx_mc, n, arrays, args)
+        x2, dy2, dx2 = (a.reshape(shape2) for a in (x3, dy3, dx3))
+        _channels_last(_loops.DX, n, x2, dy2, dx2, args)
     else:
-        _pick(_loops.dx_ncs, n)(dy3, x3, *args, dx3, n)
+        _run_ncs(_loops.DX, n, x3, dy3, dx3, *args)
     return _result(dx3, x.shape, out), dgamma, dbeta
 
 
