@@ -187,7 +187,11 @@ def write_results(
         "with the operation's memory traffic (forward_train: read x, then copy x → "
         "y; forward_eval: copy; backward: read x and dy, then x + dy → dx) into a "
         "preallocated output; *ours out=* writes into a preallocated array too; "
-        "*ours alloc* and torch allocate their result on every call. Torch: "
+        "*ours alloc* returns a new array on every call, from the output block "
+        "cache (`batchnorm._pool`: the block of a result the caller has dropped, "
+        "here the previous call's); *no cache* is the same with "
+        "`BATCHNORM_POOL_BYTES=0`, a fresh `mmap` faulted in on every call, as "
+        "torch's result is. Torch: "
         "`F.batch_norm` (training and eval) and `aten.native_batch_norm_backward`, "
         "channels-last as a `channels_last` tensor, `torch.set_num_threads` = ours.",
         "",

@@ -8,6 +8,7 @@ True
 """
 
 from batchnorm import functional
+from batchnorm._pool import release_buffers
 from batchnorm.functional import NonFiniteStatisticsError
 from batchnorm.layer import BatchNorm
 from batchnorm.moments import Moments
@@ -19,6 +20,7 @@ __all__ = [
     "Moments",
     "NonFiniteStatisticsError",
     "functional",
+    "release_buffers",
     "set_num_threads",
 ]
 __version__ = "0.1.0"

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 OPS = ("forward_train", "forward_eval", "backward")
-IMPLEMENTATIONS = ("floor", "numba_out", "numba", "numpy", "torch")
+IMPLEMENTATIONS = ("floor", "numba_out", "numba", "numba_fresh", "numpy", "torch")
 EPS = 1e-5
 BLOCK = 3  # timed calls per visit to an implementation (see _time)
 
@@ -177,11 +177,33 @@ def _make_calls(
             "floor": floor[op],
             "numba_out": _any_threads(numba_out[op]),
             "numba": _any_threads(numba_alloc[op]),
+            "numba_fresh": _any_threads(_without_cache(numba_alloc[op])),
             "numpy": _any_threads(numpy_ref[op]),
             "torch": _any_threads(torch_ops[op]),
         }
         for op in OPS
     }
+
+
+def _without_cache(call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` with the output block cache off (:mod:`batchnorm._pool`).
+
+    Every large output is then a fresh ``mmap`` that the kernel faults in, as
+    torch's are: the cost the cache saves, shown beside it.
+    """
+
+    def fresh() -> Any:
+        before = os.environ.get("BATCHNORM_POOL_BYTES")
+        os.environ["BATCHNORM_POOL_BYTES"] = "0"
+        try:
+            return call()
+        finally:
+            if before is None:
+                del os.environ["BATCHNORM_POOL_BYTES"]
+            else:
+                os.environ["BATCHNORM_POOL_BYTES"] = before
+
+    return fresh
 
 
 def _any_threads(call: Callable[[], Any]) -> Callable[[int], Any]:
@@ -315,7 +337,7 @@ def machine() -> dict[str, Any]:
         "numba": numba.__version__,
         "torch": torch.__version__,
         "batchnorm": batchnorm.__version__,
-        "numba_threading_layer": numba.threading_layer(),
+        "numba_threading_layer": _threading_layer(numba),
         "load_average": list(os.getloadavg()),
         "scheduling": _scheduling(),
     }
@@ -327,6 +349,14 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+def _threading_layer(numba: Any) -> str:
+    """Numba's threading layer, chosen when the first parallel kernel runs."""
+    try:
+        return str(numba.threading_layer())
+    except ValueError:  # nothing ran in parallel (one thread, or only small tensors)
+        return "none started"
 
 
 def _scheduling() -> str:
@@ -386,19 +416,26 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         keyed.setdefault(key, {})[row["implementation"]] = row
     lines = [
         "| shape | layout | op | threads | floor ms | ours out= ms (÷floor) "
-        "| ours alloc ms (÷torch) | numpy ms | torch ms (÷floor) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ours alloc ms (÷torch) | ours alloc, no cache ms (÷torch) | numpy ms "
+        "| torch ms (÷floor) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (shape, layout, op, threads), by_impl in keyed.items():
         floor, out, alloc, torch = (
             by_impl[k] for k in ("floor", "numba_out", "numba", "torch")
         )
-        numpy = by_impl.get("numpy")
+        numpy, fresh = by_impl.get("numpy"), by_impl.get("numba_fresh")
+        fresh_text = (
+            "—"
+            if fresh is None
+            else f"{fresh['median_s'] * 1e3:.2f} ({fresh['ratio_torch']:.2f})"
+        )
         lines.append(
             f"| {'×'.join(map(str, shape))} | {layout} | {op} | {threads} "
             f"| {floor['median_s'] * 1e3:.2f} "
             f"| {out['median_s'] * 1e3:.2f} ({out['ratio_floor']:.2f}) "
             f"| {alloc['median_s'] * 1e3:.2f} ({alloc['ratio_torch']:.2f}) "
+            f"| {fresh_text} "
             f"| {'—' if numpy is None else format(numpy['median_s'] * 1e3, '.1f')} "
             f"| {torch['median_s'] * 1e3:.2f} ({torch['ratio_floor']:.1f}) |"
         )

@@ -33,6 +33,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from batchnorm import _pool
 from batchnorm.kernels import _loops, _numpy
 
 __all__ = [
@@ -148,10 +149,14 @@ def _vec(values: np.ndarray) -> np.ndarray:
 
 
 def _target(x3: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """Where the loops write: ``out`` itself when it is C-contiguous."""
+    """Where the loops write: ``out`` itself when it is C-contiguous.
+
+    Otherwise a new array from :mod:`batchnorm._pool`, which reuses the blocks of
+    large outputs the caller has let go of (no page faults on every call).
+    """
     if out is not None and out.flags.c_contiguous:
         return out.reshape(x3.shape)
-    return np.empty(x3.shape, x3.dtype)
+    return _pool.empty(x3.shape, x3.dtype)
 
 
 def _result(
