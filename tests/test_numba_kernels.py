@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("numba")
 
 import batchnorm as bn  # noqa: E402
-from batchnorm.kernels import _numba, _numpy  # noqa: E402
+from batchnorm.kernels import _loops, _numba, _numpy  # noqa: E402
 
 F = bn.functional
 U64 = 2.0**-53
@@ -58,6 +58,49 @@ def threads(request):
     _numba.set_num_threads(min(request.param, _numba._max_threads()))
     yield request.param
     _numba.set_num_threads(None)
+
+
+@pytest.fixture
+def loops(monkeypatch):
+    """The compiled launchers that ran, as ``"ncs.serial"``, ``"mc.parallel"``...
+
+    So that every test below also checks which path it exercised: the Numba loops
+    for what they cover, the NumPy reference (no launcher) for the rest.
+    """
+    ran: list[str] = []
+
+    def spy(label, fn):
+        def wrapped(*args):
+            ran.append(label)
+            return fn(*args)
+
+        return wrapped
+
+    for name in ("ncs", "mc"):
+        pair = getattr(_loops, name)
+        monkeypatch.setattr(
+            _loops,
+            name,
+            _loops.KernelPair(
+                spy(f"{name}.serial", pair.serial),
+                spy(f"{name}.parallel", pair.parallel),
+            ),
+        )
+    return ran
+
+
+def assert_path(ran, name, threads, *arrays):
+    """Numba loops iff the inputs are float32/64, C-contiguous and of one dtype;
+    parallel ones iff the case is a parallel size and two threads are set."""
+    covered = all(
+        a.dtype in (np.float32, np.float64)
+        and a.flags.c_contiguous
+        and a.dtype == arrays[0].dtype
+        for a in arrays
+    )
+    assert bool(ran) == covered, (name, ran)
+    parallel = covered and threads > 1 and "parallel" in name
+    assert any(label.endswith(".parallel") for label in ran) == parallel, (name, ran)
 
 
 def make(shape, axis, transform, dtype, *, mean=3.0, std=2.0, seed=0):
@@ -94,9 +137,10 @@ def first_per_channel(x, axis):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(("name", "shape", "axis", "transform"), LAYOUTS)
-def test_batch_moments(threads, name, shape, axis, transform, dtype):
+def test_batch_moments(threads, loops, name, shape, axis, transform, dtype):
     _, x, _, _, axis = make(shape, axis, transform, dtype, mean=1e4, std=1.0)
     count, mean, m2 = _numba.batch_moments(x, axis)
+    assert_path(loops, name, threads, x)
     count_ref, mean_ref, m2_ref = _numpy.batch_moments(x, axis)
     assert count == count_ref
     x64 = x.astype(np.float64)
@@ -110,12 +154,13 @@ def test_batch_moments(threads, name, shape, axis, transform, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(("name", "shape", "axis", "transform"), LAYOUTS)
 def test_normalize_is_bit_identical(
-    threads, name, shape, axis, transform, dtype, with_shift
+    threads, loops, name, shape, axis, transform, dtype, with_shift
 ):
     rng, x, _, c, axis = make(shape, axis, transform, dtype)
     mean, scale = rng.normal(3.0, 1.0, c), rng.uniform(0.2, 2.0, c)
     shift = rng.normal(size=c).astype(np.float32) if with_shift else None
     y = _numba.normalize(x, axis, mean, scale, shift, x.dtype)
+    assert_path(loops, name, threads, x)
     y_ref = _numpy.normalize(x, axis, mean, scale, shift, x.dtype)
     assert y.dtype == x.dtype and y.shape == x.shape
     np.testing.assert_array_equal(y, y_ref)
@@ -143,13 +188,14 @@ def assert_param_grads_close(dgamma, dbeta, dy, x, mean, inv_std, axis, count):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(("name", "shape", "axis", "transform"), LAYOUTS)
-def test_backward_train(threads, name, shape, axis, transform, dtype):
+def test_backward_train(threads, loops, name, shape, axis, transform, dtype):
     rng, x, dy, c, axis = make(shape, axis, transform, dtype)
     count, mean, inv_std, gamma = gradient_inputs(rng, x, c, axis)
     k = np.full(c, -1.0 / count)
     dx, dgamma, dbeta = _numba.backward_train(
         dy, x, axis, mean, inv_std, gamma, k, count
     )
+    assert_path(loops, name, threads, x, dy)
     dx_ref, _, _ = _numpy.backward_train(dy, x, axis, mean, inv_std, gamma, k, count)
     _, _, abs_terms = assert_param_grads_close(
         dgamma, dbeta, dy, x, mean, inv_std, axis, count
@@ -177,10 +223,11 @@ def test_backward_train(threads, name, shape, axis, transform, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(("name", "shape", "axis", "transform"), LAYOUTS)
-def test_backward_eval(threads, name, shape, axis, transform, dtype):
+def test_backward_eval(threads, loops, name, shape, axis, transform, dtype):
     rng, x, dy, c, axis = make(shape, axis, transform, dtype)
     count, mean, inv_std, gamma = gradient_inputs(rng, x, c, axis)
     dx, dgamma, dbeta = _numba.backward_eval(dy, x, axis, mean, inv_std, gamma)
+    assert_path(loops, name, threads, x, dy)
     dx_ref, _, _ = _numpy.backward_eval(dy, x, axis, mean, inv_std, gamma)
     np.testing.assert_array_equal(dx, dx_ref)  # dy · (γ·inv_std): same float64 op
     assert_param_grads_close(dgamma, dbeta, dy, x, mean, inv_std, axis, count)
