@@ -663,3 +663,34 @@ def test_kernels_cache_to_numba_cache_dir(tmp_path):
     )
     _python(code, NUMBA_CACHE_DIR=str(tmp_path))
     assert any(p.suffix == ".nbi" for p in tmp_path.rglob("*"))
+
+
+# -- the two halves of the training gradient (synchronized layers) -------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize(("name", "shape", "axis", "transform"), LAYOUTS)
+def test_grad_sums_and_backward_apply(
+    threads, loops, name, shape, axis, transform, dtype
+):
+    """Each half against the reference, with sums over more data than ``x``."""
+    rng, x, dy, c, axis = make(shape, axis, transform, dtype)
+    count, mean, inv_std, gamma = gradient_inputs(rng, x, c, axis)
+    dgamma, dbeta = _numba.grad_sums(dy, x, axis, mean, inv_std)
+    assert_path(loops, name, threads, x, dy)
+    assert_param_grads_close(dgamma, dbeta, dy, x, mean, inv_std, axis, count)
+    # As if another rank held a shard with other sums: global count and sums.
+    total = 3 * count
+    sum_dgamma, sum_dbeta = dgamma + rng.normal(size=c), dbeta + rng.normal(size=c)
+    k = np.full(c, -1.0 / total)
+    args = (dy, x, axis, mean, inv_std, gamma, k, total, sum_dgamma, sum_dbeta)
+    dx = _numba.backward_apply(*args)
+    dx_ref = _numpy.backward_apply(*args)
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    # Same per-channel constants; the loop computes (x − mean)·(inv_std·k·Σdy·x̂)
+    # where the reference scales x̂: one float64 rounding apart before the output's.
+    x_hat = np.abs(x.astype(np.float64) - per_channel(mean, x, axis)) * per_channel(
+        inv_std, x, axis
+    )
+    gain = per_channel(inv_std * gamma, x, axis)
+    slack = gain * (x_hat * per_channel(np.abs(k * sum_dgamma), x, axis) + np.abs(dy))
+    bound = np.finfo(dtype).eps * np.abs(dx_ref.astype(np.float64)) + 8 * U64 * slack
+    assert np.all(np.abs(dx.astype(np.float64) - dx_ref) <= bound)

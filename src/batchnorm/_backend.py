@@ -1,7 +1,9 @@
 """Kernel choice: the argument, else $BATCHNORM_BACKEND, else the fastest installed.
 
 Both backends expose the same functions (``batch_moments``, ``normalize``,
-``backward_train``, ``backward_eval``) with the same arguments; tests hold the fast
+``forward_train``, ``backward_train``, ``backward_eval``, and the two halves of
+``backward_train`` that synchronized layers call around their collective,
+``grad_sums`` and ``backward_apply``) with the same arguments; tests hold the fast
 one equal to the NumPy reference.
 """
 

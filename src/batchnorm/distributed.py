@@ -32,7 +32,6 @@ import numpy as np
 from batchnorm import _backend
 from batchnorm import functional as F
 from batchnorm._validation import check_input
-from batchnorm.kernels import _numpy
 from batchnorm.layer import BatchNorm
 from batchnorm.moments import Moments
 
@@ -72,8 +71,8 @@ class SyncBatchNorm(BatchNorm):
     Notes
     -----
     Shards may have different sizes, and a rank may hold an empty shard, as long
-    as the global batch has at least 2 values per channel. The backward pass uses
-    the NumPy kernels on every backend.
+    as the global batch has at least 2 values per channel. Both passes run on the
+    layer's backend: local sums, one collective, then the local ``dx``.
 
     Attributes
     ----------
@@ -281,10 +280,9 @@ class SyncBatchNorm(BatchNorm):
         except (TypeError, ValueError):
             self._send_marker(_INVALID, "backward")
             raise
+        kernels = _backend.resolve(self.backend)
         if x.size:
-            _, dgamma, dbeta = _numpy.param_grads(
-                dy, x, axis, cache.mean, cache.inv_std
-            )
+            dgamma, dbeta = kernels.grad_sums(dy, x, axis, cache.mean, cache.inv_std)
         else:
             dgamma, dbeta = np.zeros(c), np.zeros(c)
         payload = np.concatenate([[_BACKWARD], dbeta, dgamma])
@@ -297,7 +295,7 @@ class SyncBatchNorm(BatchNorm):
             sum_dgamma += row[1 + c :]
         k = F.gradient_k(cache.moments, cache.eps, cache.eps_placement, cache.ddof)
         dx = (
-            _numpy.backward_apply(
+            kernels.backward_apply(
                 dy,
                 x,
                 axis,

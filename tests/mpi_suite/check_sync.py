@@ -7,6 +7,8 @@ every test, in the same order, so the collectives line up.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -30,17 +32,20 @@ SHARDINGS = {
     "one value on rank 0": [1] + [3] * (SIZE - 1),
 }
 TOLERANCE = {np.float64: 1e-12, np.float32: 1e-6}
+# Both passes run on the layer's backend (the Numba one where it is installed).
+BACKENDS = ["numpy"] + (["numba"] if importlib.util.find_spec("numba") else [])
 
 
 @pytest.mark.parametrize("sharding", SHARDINGS.values(), ids=SHARDINGS.keys())
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize(("shape", "axis"), [((3, 6, 5), 1), ((4, 3, 3, 2), -1)])
 @pytest.mark.parametrize("preset", ["seed", "darknet"])
-def test_sync_equals_single_process(sharding, dtype, shape, axis, preset):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sync_equals_single_process(sharding, dtype, shape, axis, preset, backend):
     rng = np.random.default_rng(42)  # the same global data on every rank
     total = sum(sharding)
     c = shape[axis]
-    options = {"momentum": 0.9, "dtype": dtype, "backend": "numpy"}
+    options = {"momentum": 0.9, "dtype": dtype, "backend": backend}
     if preset == "darknet":
         options.update(eps_placement="outside", ddof=1)
     single = bn.BatchNorm(c, axis=axis, **options)

@@ -38,11 +38,13 @@ from batchnorm.kernels import _loops, _numpy
 
 __all__ = [
     "PARALLEL_MIN_SIZE",
+    "backward_apply",
     "backward_eval",
     "backward_train",
     "batch_moments",
     "forward_train",
     "get_num_threads",
+    "grad_sums",
     "normalize",
     "set_num_threads",
 ]
@@ -334,7 +336,56 @@ def _grad_sums(
     return sum_dy, sum_dy_xmu
 
 
+def grad_sums(
+    dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray, inv_std: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(Σ dy·x̂, Σ dy)`` per channel in one pass: ``inv_std·Σ dy·(x − mean)``."""
+    views = _pair_views(dy, x, axis)
+    if views is None:
+        return _numpy.grad_sums(dy, x, axis, mean, inv_std)
+    dy3, x3 = views
+    dbeta, sum_dy_xmu = _grad_sums(dy3, x3, _vec(mean), _chunks(x.size))
+    return sum_dy_xmu * _vec(inv_std), dbeta
+
+
 @_numpy._quiet
+def backward_apply(
+    dy: np.ndarray,
+    x: np.ndarray,
+    axis: int,
+    mean: np.ndarray,
+    inv_std: np.ndarray,
+    gamma: np.ndarray | None,
+    k: np.ndarray,
+    count: int,
+    dgamma: np.ndarray,
+    dbeta: np.ndarray,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``dx`` of the training gradient from given sums, in one pass.
+
+    As the reference's: the sums and ``count`` may cover more data than ``x``.
+    """
+    views = _pair_views(dy, x, axis)
+    if views is None:
+        return _numpy.backward_apply(
+            dy, x, axis, mean, inv_std, gamma, k, count, dgamma, dbeta, out=out
+        )
+    dy3, x3 = views
+    n = _chunks(x.size)
+    inv_std = _vec(inv_std)
+    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
+    dx3 = _target(x3, out)
+    args = (_vec(mean), _vec(inv_std * (k * dgamma)), dbeta / count, _vec(gain))
+    if x3.shape[2] == 1:
+        shape2 = x3.shape[:2]
+        x2, dy2, dx2 = (a.reshape(shape2) for a in (x3, dy3, dx3))
+        _channels_last(_loops.DX, n, x2, dy2, dx2, args)
+    else:
+        _run_ncs(_loops.DX, n, x3, dy3, dx3, *args)
+    return _result(dx3, x.shape, out)
+
+
 def backward_train(
     dy: np.ndarray,
     x: np.ndarray,
@@ -347,26 +398,15 @@ def backward_train(
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact training-mode gradient: one reduction pass, then one pass for ``dx``."""
-    views = _pair_views(dy, x, axis)
-    if views is None:
+    if _pair_views(dy, x, axis) is None:
         return _numpy.backward_train(
             dy, x, axis, mean, inv_std, gamma, k, count, out=out
         )
-    dy3, x3 = views
-    n = _chunks(x.size)
-    mean, inv_std = _vec(mean), _vec(inv_std)
-    dbeta, sum_dy_xmu = _grad_sums(dy3, x3, mean, n)
-    dgamma = sum_dy_xmu * inv_std
-    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
-    dx3 = _target(x3, out)
-    args = (mean, _vec(inv_std * (k * dgamma)), dbeta / count, _vec(gain))
-    if x3.shape[2] == 1:
-        shape2 = x3.shape[:2]
-        x2, dy2, dx2 = (a.reshape(shape2) for a in (x3, dy3, dx3))
-        _channels_last(_loops.DX, n, x2, dy2, dx2, args)
-    else:
-        _run_ncs(_loops.DX, n, x3, dy3, dx3, *args)
-    return _result(dx3, x.shape, out), dgamma, dbeta
+    dgamma, dbeta = grad_sums(dy, x, axis, mean, inv_std)
+    dx = backward_apply(
+        dy, x, axis, mean, inv_std, gamma, k, count, dgamma, dbeta, out=out
+    )
+    return dx, dgamma, dbeta
 
 
 @_numpy._quiet

@@ -149,6 +149,14 @@ def param_grads(
     return x_hat, (dy64 * x_hat).sum(axis=axes), dy64.sum(axis=axes)
 
 
+def grad_sums(
+    dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray, inv_std: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(Σ dy·x̂, Σ dy)`` per channel, float64: the reductions of the gradient."""
+    _, dgamma, dbeta = param_grads(dy, x, axis, mean, inv_std)
+    return dgamma, dbeta
+
+
 @_quiet
 def backward_train(
     dy: np.ndarray,
