@@ -22,6 +22,7 @@ write every value of their output.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import defaultdict
@@ -98,8 +99,8 @@ def _give_back(block: np.ndarray) -> None:
 def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """An uninitialized C-contiguous array, from an idle block when one fits exactly."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes < MIN_BYTES or max_bytes() == 0:
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < MIN_BYTES or max_bytes() == 0:  # small: no environment lookup
         return np.empty(shape, dtype)
     global _idle_bytes
     with _lock:
