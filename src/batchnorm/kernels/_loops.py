@@ -12,17 +12,17 @@ the views and falls back to the reference for everything else):
   rows; each range keeps float64 partial sums per column, filled one tile of
   ``_TILE`` columns and four rows at a time so that they stay in L1.
 
-Each layout has one entry point, a launcher (:func:`ncs`, :func:`mc`) that takes
-the operation as its first argument (``MOMENTS``, ``NORMALIZE``, ``GRAD_SUMS``,
-``DX``) and runs that operation's row body on each of ``num_chunks`` row ranges:
-one ``prange`` build per layout and dtype instead of one per operation, because
-each parallel build costs about a second of cold compilation, mostly fixed (parfor
-lowering, the gufunc, LLVM passes over the linked bodies). ``num_chunks`` is the
-number of threads to split the work into (never ``numba.get_num_threads()``
-inside a kernel: that defeats caching). Each launcher exists twice:
-``.parallel`` (``prange``) and ``.serial`` (the same code compiled without
-threads, for tensors too small to pay for a parallel launch). The row bodies are
-helpers without Python wrappers, compiled once and linked into both.
+One entry point, :func:`launch`, runs every operation (``MOMENTS``,
+``NORMALIZE``, ``GRAD_SUMS``, ``DX``, plus ``CHANNELS_LAST`` for the channels-last
+layout) by calling that operation's row body on each of ``num_chunks`` row
+ranges: one ``prange`` build per dtype instead of one per operation and layout,
+because each parallel build costs about a second of cold compilation, mostly
+fixed (parfor lowering, the gufunc, LLVM passes over the linked bodies).
+``num_chunks`` is the number of threads to split the work into (never
+``numba.get_num_threads()`` inside a kernel: that defeats caching). The launcher
+exists twice: ``.parallel`` (``prange``) and ``.serial`` (the same code compiled
+without threads, for tensors too small to pay for a parallel launch). The row
+bodies are helpers without Python wrappers, compiled once and linked into both.
 
 Statistics are shifted sums in float64: with ``p`` the first value of the channel,
 ``mean = p + Σd/m`` and ``M2 = Σd² − (Σd)²/m`` for ``d = x − p``. Because ``p`` is
@@ -225,61 +225,14 @@ def _dx_rows(dy, x, mean, slope, dbeta_mean, gain, out, lo, hi):
             dst[j] = ((np.float64(src[j]) - m) * k + np.float64(g[j]) - v) * w
 
 
-@serial_and_parallel()
-def ncs(op, x, dy, out, v0, v1, v2, v3, num_chunks):
-    """Run operation ``op`` on (A, C, S) views, split into ``num_chunks`` row ranges.
-
-    ======== ========================= =========================================
-    op       arguments used            result
-    ======== ========================= =========================================
-    MOMENTS  x                         ``(mean, M2)`` per channel
-    NORMALIZE x, out, v0-v2 = mean,    ``out = (x − v0)·v1 + v2``; empty arrays
-             scale, shift
-    GRAD_SUMS dy, x, v0 = mean         ``(Σ dy, Σ dy·(x − mean))`` per channel
-    DX       dy, x, out, v0-v3 = mean, ``out = ((x − v0)·v1 + dy − v2)·v3``;
-             slope, dbeta_mean, gain   empty arrays
-    ======== ========================= =========================================
-
-    Unused arguments take any array of their type. One parallel build serves every
-    operation: each ``prange`` loop costs about a second of cold compilation, most
-    of it fixed, whatever its body. Partial sums are kept per row and added in row
-    order, so the reductions do not depend on ``num_chunks``.
-    """
-    outer, channels, _ = x.shape
-    rows = outer * channels
-    reduce = op == MOMENTS or op == GRAD_SUMS
-    parts = outer if reduce else 0
-    p0 = np.empty((parts, channels))
-    p1 = np.empty((parts, channels))
-    pivot = np.empty(channels if op == MOMENTS else 0)
-    for c in range(pivot.size):
-        pivot[c] = x[0, c, 0]
-    for chunk in prange(num_chunks):
-        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        if op == MOMENTS:
-            _moments_rows(x, pivot, lo, hi, p0, p1)
-        elif op == NORMALIZE:
-            _normalize_rows(x, v0, v1, v2, out, lo, hi)
-        elif op == GRAD_SUMS:
-            _grad_sums_rows(dy, x, v0, lo, hi, p0, p1)
-        else:
-            _dx_rows(dy, x, v0, v1, v2, v3, out, lo, hi)
-    if op == MOMENTS:
-        count = outer * x.shape[2]
-        return finish_moments(pivot, column_sums(p0), column_sums(p1), count)
-    if op == GRAD_SUMS:
-        return column_sums(p0), column_sums(p1)
-    return np.empty(0), np.empty(0)
-
-
 @_jit_serial_exact
 def train_ncs(x, gamma, beta, eps, inside, ddof, out):
     """The whole training forward pass of a small (A, C, S) ``x``, on one thread.
 
-    ``(mean, M2)`` as ``ncs(MOMENTS)``, then in float64 in the reference's order
+    ``(mean, M2)`` as ``launch(MOMENTS)``, then in float64 in the reference's order
     ``var = M2/(m − ddof)``, ``inv_std = 1/√(var + ε)`` (``inside``) or
     ``1/(√var + ε)``, ``scale = inv_std·γ`` and ``out = (x − mean)·scale + β`` as
-    ``ncs(NORMALIZE)``: the same row bodies and the same values as those calls
+    ``launch(NORMALIZE)``: the same row bodies and the same values as those calls
     made one by one, without a dispatch and five NumPy calls on C-value vectors in
     between (half the time of a 32768-value tensor). ``gamma`` and ``beta`` are
     float64 (ones and zeros for None). Returns ``(mean, M2, inv_std)``.
@@ -422,28 +375,75 @@ def _dx_mc_rows(dy, x, out, mean, slope, dbeta_mean, gain, lo, hi):
             dst[c] = (dx - dbeta_mean[c]) * gain[c]
 
 
-@serial_and_parallel()
-def mc(op, x, dy, out, v0, v1, v2, v3, num_chunks):
-    """Run operation ``op`` on channels-last (M, W) arrays, in ``num_chunks`` ranges.
+# Added to an operation: the same operation on channels-last (1, M, W) arrays.
+CHANNELS_LAST = 4
 
-    Arguments as :func:`ncs`, except that MOMENTS takes the pivot as ``v0`` and
-    both reductions return per-column sums (``(Σd, Σd²)`` and
-    ``(Σ dy, Σ dy·(x − mean))``), which the caller adds per channel when it has
-    folded rows; partial sums are kept per chunk.
+
+@serial_and_parallel()
+def launch(op, x, dy, out, v0, v1, v2, v3, num_chunks):
+    """Run operation ``op`` on one layout's views, split into ``num_chunks`` ranges.
+
+    Operations ``MOMENTS``, ``NORMALIZE``, ``GRAD_SUMS``, ``DX`` on (A, C, S)
+    views, or the same plus ``CHANNELS_LAST`` on channels-last (M, W) arrays passed as
+    (1, M, W):
+
+    ========= ========================= ========================================
+    op        arguments used            result
+    ========= ========================= ========================================
+    MOMENTS   x (channels last: v0 =    ``(mean, M2)`` per channel (channels
+              the pivot)                last: per-column ``(Σd, Σd²)``)
+    NORMALIZE x, out, v0-v2 = mean,     ``out = (x − v0)·v1 + v2``; empty arrays
+              scale, shift
+    GRAD_SUMS dy, x, v0 = mean          ``(Σ dy, Σ dy·(x − mean))`` per channel
+                                        (channels last: per column)
+    DX        dy, x, out, v0-v3 = mean, ``out = ((x − v0)·v1 + dy − v2)·v3``;
+              slope, dbeta_mean, gain   empty arrays
+    ========= ========================= ========================================
+
+    Unused arguments take any array of their type. One parallel build serves every
+    operation and layout: each ``prange`` loop costs about a second of cold
+    compilation, most of it fixed, whatever its body. (A, C, S) reductions keep
+    partial sums per row and add them in row order, so they do not depend on
+    ``num_chunks``; channels-last ones keep them per chunk, and the caller adds
+    per-column sums per channel when it has folded rows.
     """
-    rows, width = x.shape
-    reduce = op == MOMENTS or op == GRAD_SUMS
-    parts = num_chunks if reduce else 0
-    p0 = np.zeros((parts, width + 1))  # the last column sinks _stream's sum
-    p1 = np.zeros((parts, width))
+    last = op >= CHANNELS_LAST
+    body = op - CHANNELS_LAST if last else op
+    reduce = body == MOMENTS or body == GRAD_SUMS
+    if last:
+        rows, width = x.shape[1], x.shape[2]
+        parts0 = (num_chunks if reduce else 0, width + 1)  # + _stream's sink
+        parts1 = (num_chunks if reduce else 0, width)
+    else:
+        rows, width = x.shape[0] * x.shape[1], x.shape[1]
+        parts0 = (x.shape[0] if reduce else 0, width)
+        parts1 = parts0
+    p0 = np.zeros(parts0)
+    p1 = np.zeros(parts1)
+    pivot = np.empty(width if op == MOMENTS else 0)
+    for c in range(pivot.size):
+        pivot[c] = x[0, c, 0]
     for chunk in prange(num_chunks):
         lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        if op == NORMALIZE:
-            _normalize_mc_rows(x, out, v0, v1, v2, lo, hi)
+        if op == MOMENTS:
+            _moments_rows(x, pivot, lo, hi, p0, p1)
+        elif op == NORMALIZE:
+            _normalize_rows(x, v0, v1, v2, out, lo, hi)
+        elif op == GRAD_SUMS:
+            _grad_sums_rows(dy, x, v0, lo, hi, p0, p1)
         elif op == DX:
-            _dx_mc_rows(dy, x, out, v0, v1, v2, v3, lo, hi)
+            _dx_rows(dy, x, v0, v1, v2, v3, out, lo, hi)
+        elif body == NORMALIZE:
+            _normalize_mc_rows(x[0], out[0], v0, v1, v2, lo, hi)
+        elif body == DX:
+            _dx_mc_rows(dy[0], x[0], out[0], v0, v1, v2, v3, lo, hi)
         else:
-            _reduce_mc_rows(op, dy, x, v0, lo, hi, p0[chunk], p1[chunk])
-    if reduce:
+            _reduce_mc_rows(body, dy[0], x[0], v0, lo, hi, p0[chunk], p1[chunk])
+    if op == MOMENTS:
+        count = x.shape[0] * x.shape[2]
+        return finish_moments(pivot, column_sums(p0), column_sums(p1), count)
+    if last and reduce:
         return column_sums(p0)[:width], column_sums(p1)
+    if reduce:
+        return column_sums(p0), column_sums(p1)
     return np.empty(0), np.empty(0)

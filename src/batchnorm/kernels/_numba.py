@@ -195,12 +195,12 @@ def _run_ncs(
     out: np.ndarray | None = None,
     *vectors: np.ndarray,
 ) -> Any:
-    """``_loops.ncs`` with the arrays ``op`` uses and up to four vectors.
+    """``_loops.launch`` on (A, C, S) views: the arrays ``op`` uses, up to 4 vectors.
 
     Unused arrays are stand-ins of the right type (``x`` for ``dy``, an empty
     array for ``out``), so that every operation shares one compiled build.
     """
-    return _pick(_loops.ncs, n)(
+    return _pick(_loops.launch, n)(
         op,
         x3,
         x3 if dy is None else dy,
@@ -219,7 +219,7 @@ def _channels_last(
     out: np.ndarray | None,
     vectors: tuple[np.ndarray, ...],
 ) -> Any:
-    """Run ``_loops.mc`` on (M, C) arrays; reductions come back per channel.
+    """``_loops.launch`` on (M, C) arrays; reductions come back per channel.
 
     Short rows are folded (see ``_folds``): the loop sees (M/k, k·C) arrays and
     per-channel vectors tiled ``k`` times, and per-column sums are added back per
@@ -229,20 +229,23 @@ def _channels_last(
     dy = x if dy is None else dy
     out = np.empty((0, 0), x.dtype) if out is None else out
     padded = (*vectors, *(_NONE,) * (4 - len(vectors)))
+    op += _loops.CHANNELS_LAST
     k, main = _folds(rows, channels, x.size)
     if k == 1:
-        return _pick(_loops.mc, n)(op, x, dy, out, *padded, n)
+        return _pick(_loops.launch, n)(op, x[None], dy[None], out[None], *padded, n)
     folded = [
-        a[:main].reshape(main // k, k * channels) if a.size else a for a in (x, dy, out)
+        a[:main].reshape(1, main // k, k * channels) if a.size else a[None]
+        for a in (x, dy, out)
     ]
     tiled = [np.tile(v, k) if v.size else v for v in padded]
-    result = _pick(_loops.mc, n)(op, *folded, *tiled, n)
-    if op in (_loops.MOMENTS, _loops.GRAD_SUMS):
+    result = _pick(_loops.launch, n)(op, *folded, *tiled, n)
+    reduce = op - _loops.CHANNELS_LAST in (_loops.MOMENTS, _loops.GRAD_SUMS)
+    if reduce:
         result = [r.reshape(k, channels).sum(axis=0) for r in result]
     if main < rows:
-        rest = [a[main:] if a.size else a for a in (x, dy, out)]
-        extra = _loops.mc.serial(op, *rest, *padded, 1)
-        if op in (_loops.MOMENTS, _loops.GRAD_SUMS):
+        rest = [a[None, main:] if a.size else a[None] for a in (x, dy, out)]
+        extra = _loops.launch.serial(op, *rest, *padded, 1)
+        if reduce:
             result = [r + e for r, e in zip(result, extra, strict=True)]
     return result
 
