@@ -17,8 +17,10 @@ Tolerances follow from how each value is computed, not from what passed:
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -659,6 +661,40 @@ def test_kernels_cache_to_numba_cache_dir(tmp_path):
     )
     _python(code, NUMBA_CACHE_DIR=str(tmp_path))
     assert any(p.suffix == ".nbi" for p in tmp_path.rglob("*"))
+
+
+def test_kernels_work_with_no_writable_cache_location(tmp_path):
+    """Read-only site-packages and no writable home: compile in-process instead.
+
+    Tests run as root here, which ignores permissions, so every location Numba
+    tries is made unusable by a plain file where it needs a directory: the
+    package's ``kernels/__pycache__``, ``~/.cache`` and ``$NUMBA_CACHE_DIR``.
+    """
+    package = tmp_path / "site" / "batchnorm"
+    shutil.copytree(
+        Path(bn.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (package / "kernels" / "__pycache__").write_text("not a directory")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".cache").write_text("not a directory")
+    code = (
+        "import numpy as np, batchnorm as bn;"
+        "from batchnorm.kernels import _loops;"
+        "x = np.random.default_rng(0).normal(size=(4, 2, 300)).astype(np.float32);"
+        "y, _ = bn.functional.forward_train(x, None, None, backend='numba');"
+        "ref, _ = bn.functional.forward_train(x, None, None, backend='numpy');"
+        f"print(bn.__file__.startswith({str(package)!r}),"
+        " np.allclose(y, ref, rtol=0, atol=1e-6),"
+        " type(_loops.launch.serial._cache).__name__)"
+    )
+    out = _python(
+        code,
+        PYTHONPATH=str(package.parent),
+        HOME=str(home),
+        NUMBA_CACHE_DIR=str(home / ".cache" / "numba"),
+    )
+    assert out == "True True NullCache"
 
 
 # -- the two halves of the training gradient (synchronized layers) -------------------
