@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from batchnorm import functional as F
+from batchnorm._layer_state import updated_running_stats
 from batchnorm._validation import as_float_array
 from batchnorm.moments import Moments
 from batchnorm.renorm import RenormCache, backward_renorm, forward_renorm
@@ -77,8 +78,8 @@ class _Running:
     values: int
 
     def absorb(self, layer: BatchNorm, moments: Moments) -> None:
-        # Same rule as BatchNorm._absorb: raises (nothing committed) or skips.
-        update = layer._updated_running_stats(self.mean, self.var, self.values, moments)
+        # Same rule as _layer_state.absorb: raises (nothing committed) or skips.
+        update = updated_running_stats(layer, self.mean, self.var, self.values, moments)
         if update is not None:
             self.mean, self.var = update
             self.batches += 1

@@ -150,3 +150,82 @@ def check_ddof(ddof: Any) -> int:
             f"got {ddof!r}."
         )
     return int(ddof)
+
+
+def check_running(
+    running_mean: Any, running_var: Any, num_channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate running statistics: shape (C,), finite, ``running_var >= 0``."""
+    running_mean = require_channel_vector(running_mean, "running_mean", num_channels)
+    running_var = require_channel_vector(running_var, "running_var", num_channels)
+    for name, values in (("running_mean", running_mean), ("running_var", running_var)):
+        as64 = np.asarray(values, np.float64)
+        ok = np.isfinite(as64) & ((as64 >= 0) if name == "running_var" else True)
+        bad = np.flatnonzero(~ok)
+        if bad.size:
+            need = "finite and >= 0" if name == "running_var" else "finite"
+            raise ValueError(
+                f"{name} must be {need} in every channel; channels "
+                f"{bad[:8].tolist()} hold {as64[bad[:8]].tolist()}. Reset the "
+                "running statistics (layer.reset_running_stats()) or reload a good "
+                "checkpoint."
+            )
+    return running_mean, running_var
+
+
+def training_count_error(x: np.ndarray, axis: int, count: int) -> ValueError:
+    """The error for fewer than 2 values per channel in training (spells out m)."""
+    spatial = [s for a, s in enumerate(x.shape) if a not in (0, axis)]
+    product = " · ".join(str(s) for s in [x.shape[0], *spatial])
+    return ValueError(
+        f"training needs at least 2 values per channel to estimate a variance, but x "
+        f"of shape {x.shape} with channel axis {axis} has m = N · ∏ spatial = "
+        f"{product} = {count}. Use a batch of 2 or more samples, or normalize with "
+        "the running statistics instead (forward_eval, or layer.eval())."
+    )
+
+
+def check_out(
+    out: Any, x: np.ndarray, *inputs: tuple[str, np.ndarray]
+) -> np.ndarray | None:
+    """Validate an ``out=`` array for a result shaped like ``x``."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(
+            f"out must be a numpy.ndarray or None; got {type(out).__name__}. "
+            "Allocate one with np.empty_like(x)."
+        )
+    if out.shape != x.shape:
+        raise ValueError(
+            f"out must have the shape of x {x.shape}; got {out.shape}. Allocate it "
+            "with np.empty_like(x)."
+        )
+    if out.dtype != x.dtype:
+        raise TypeError(
+            f"out must have the dtype of x ({x.dtype}); got {out.dtype}. Allocate it "
+            "with np.empty_like(x)."
+        )
+    if not out.flags.writeable:
+        raise ValueError(
+            "out must be writeable; got a read-only array. Pass a fresh array "
+            "(np.empty_like(x)) or out=None."
+        )
+    for name, array in inputs:
+        if np.may_share_memory(out, array) and np.shares_memory(out, array):
+            raise ValueError(
+                f"out must not share memory with {name}: the kernels read {name} "
+                "while they write out. Pass a separate array (np.empty_like(x))."
+            )
+    return out
+
+
+def check_dy(dy: Any, x: np.ndarray) -> np.ndarray:
+    """Validate ``dy = ∂L/∂y``: floating, with the shape of the forward input ``x``."""
+    dy = as_float_array(dy, "dy")
+    if dy.shape != x.shape:
+        raise ValueError(
+            f"dy must have the shape of the forward input {x.shape}; got {dy.shape}. "
+            "Pass the gradient of the loss with respect to y."
+        )
+    return dy

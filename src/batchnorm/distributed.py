@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm import _backend
+from batchnorm import _backend, _layer_state
 from batchnorm import functional as F
 from batchnorm._validation import check_input
 from batchnorm.layer import BatchNorm
@@ -229,7 +229,7 @@ class SyncBatchNorm(BatchNorm):
                 "or normalize with the running statistics (layer.eval())."
             )
         if self.update_running_stats:
-            self._absorb(total)
+            _layer_state.absorb(self, total)
         if not self.use_batch_stats:
             return self._forward_eval(x)
         inv_std = F.inv_std_of(total.var(self.ddof), self.eps, self.eps_placement)

@@ -2,7 +2,9 @@
 
 This module is the single source of truth for the math; nothing here mutates its
 arguments. The derivation of the gradient lives in
-:mod:`batchnorm.kernels._numpy`.
+:mod:`batchnorm.kernels._numpy`. :class:`Cache` (:mod:`batchnorm._cache`), the
+running-statistics update (:mod:`batchnorm._running_stats`) and the argument checks
+(:mod:`batchnorm._validation`) live in private modules; this is their public face.
 
 Conventions (see the README's table):
 
@@ -17,26 +19,25 @@ Conventions (see the README's table):
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from batchnorm import _backend
+from batchnorm._cache import Cache
+from batchnorm._running_stats import NonFiniteStatisticsError, update_running_stats
 from batchnorm._validation import (
     EPS_PLACEMENTS,
-    ON_NONFINITE,
-    RUNNING_VAR_KINDS,
-    as_float_array,
     check_channel_vector,
     check_choice,
     check_ddof,
     check_eps,
     check_input,
-    check_momentum,
-    require_channel_vector,
 )
+from batchnorm._validation import check_dy as _check_dy
+from batchnorm._validation import check_out as _check_out
+from batchnorm._validation import check_running as _check_running
+from batchnorm._validation import training_count_error as _training_count_error
 from batchnorm.moments import Moments
 
 __all__ = [
@@ -49,56 +50,6 @@ __all__ = [
     "inv_std_of",
     "update_running_stats",
 ]
-
-
-class NonFiniteStatisticsError(FloatingPointError, ValueError):
-    """A batch produced NaN or infinite statistics; running statistics were kept."""
-
-
-@dataclass(frozen=True)
-class Cache:
-    """What :func:`backward` needs from :func:`forward_train`.
-
-    ``x`` is a reference to the input, not a copy (the backward pass recomputes
-    ``x̂`` from it instead of storing a second array of the input's size): do not
-    modify ``x`` in place between the forward and the backward pass.
-
-    Attributes
-    ----------
-    x : ndarray, shape (N, C, *)
-    moments : Moments
-        Exact ``(count, mean, M2)`` of the batch, float64.
-    inv_std : ndarray, shape (C,), float64
-        ``1/√(var + ε)`` (or ``1/(√var + ε)`` for ``eps_placement="outside"``), where
-        ``var = M2 / (m − ddof)``.
-    gamma : ndarray of shape (C,) or None
-    axis, eps, eps_placement, ddof
-        The options of the forward pass.
-    """
-
-    x: np.ndarray
-    moments: Moments
-    inv_std: np.ndarray
-    gamma: np.ndarray | None
-    axis: int
-    eps: float
-    eps_placement: str
-    ddof: int
-
-    @property
-    def mean(self) -> np.ndarray:
-        """Per-channel batch mean, float64, shape (C,)."""
-        return self.moments.mean
-
-    @property
-    def var(self) -> np.ndarray:
-        """Per-channel biased batch variance ``M2 / m``, float64, shape (C,)."""
-        return self.moments.var(0)
-
-    @property
-    def count(self) -> int:
-        """Values per channel, ``m = N · ∏ spatial``."""
-        return self.moments.count
 
 
 def inv_std_of(
@@ -116,17 +67,6 @@ def inv_std_of(
     if eps_placement == "inside":
         return 1.0 / np.sqrt(var + eps)
     return 1.0 / (np.sqrt(var) + eps)
-
-
-def _training_count_error(x: np.ndarray, axis: int, count: int) -> ValueError:
-    spatial = [s for a, s in enumerate(x.shape) if a not in (0, axis)]
-    product = " · ".join(str(s) for s in [x.shape[0], *spatial])
-    return ValueError(
-        f"training needs at least 2 values per channel to estimate a variance, but x "
-        f"of shape {x.shape} with channel axis {axis} has m = N · ∏ spatial = "
-        f"{product} = {count}. Use a batch of 2 or more samples, or normalize with "
-        "the running statistics instead (forward_eval, or layer.eval())."
-    )
 
 
 def forward_train(
@@ -223,51 +163,6 @@ def forward_train(
     return y, Cache(x, moments, inv_std, gamma, axis, eps, eps_placement, ddof)
 
 
-def _check_out(
-    out: Any, x: np.ndarray, *inputs: tuple[str, np.ndarray]
-) -> np.ndarray | None:
-    """Validate an ``out=`` array for a result shaped like ``x``."""
-    if out is None:
-        return None
-    if not isinstance(out, np.ndarray):
-        raise TypeError(
-            f"out must be a numpy.ndarray or None; got {type(out).__name__}. "
-            "Allocate one with np.empty_like(x)."
-        )
-    if out.shape != x.shape:
-        raise ValueError(
-            f"out must have the shape of x {x.shape}; got {out.shape}. Allocate it "
-            "with np.empty_like(x)."
-        )
-    if out.dtype != x.dtype:
-        raise TypeError(
-            f"out must have the dtype of x ({x.dtype}); got {out.dtype}. Allocate it "
-            "with np.empty_like(x)."
-        )
-    if not out.flags.writeable:
-        raise ValueError(
-            "out must be writeable; got a read-only array. Pass a fresh array "
-            "(np.empty_like(x)) or out=None."
-        )
-    for name, array in inputs:
-        if np.may_share_memory(out, array) and np.shares_memory(out, array):
-            raise ValueError(
-                f"out must not share memory with {name}: the kernels read {name} "
-                "while they write out. Pass a separate array (np.empty_like(x))."
-            )
-    return out
-
-
-def _check_dy(dy: Any, x: np.ndarray) -> np.ndarray:
-    dy = as_float_array(dy, "dy")
-    if dy.shape != x.shape:
-        raise ValueError(
-            f"dy must have the shape of the forward input {x.shape}; got {dy.shape}. "
-            "Pass the gradient of the loss with respect to y."
-        )
-    return dy
-
-
 def backward(
     dy: Any,
     cache: Cache,
@@ -332,26 +227,6 @@ def gradient_k(
     std = np.sqrt(moments.var(ddof))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(std > 0, -(1.0 + eps / std) / (count - ddof), 0.0)
-
-
-def _check_running(
-    running_mean: Any, running_var: Any, num_channels: int
-) -> tuple[np.ndarray, np.ndarray]:
-    running_mean = require_channel_vector(running_mean, "running_mean", num_channels)
-    running_var = require_channel_vector(running_var, "running_var", num_channels)
-    for name, values in (("running_mean", running_mean), ("running_var", running_var)):
-        as64 = np.asarray(values, np.float64)
-        ok = np.isfinite(as64) & ((as64 >= 0) if name == "running_var" else True)
-        bad = np.flatnonzero(~ok)
-        if bad.size:
-            need = "finite and >= 0" if name == "running_var" else "finite"
-            raise ValueError(
-                f"{name} must be {need} in every channel; channels "
-                f"{bad[:8].tolist()} hold {as64[bad[:8]].tolist()}. Reset the "
-                "running statistics (layer.reset_running_stats()) or reload a good "
-                "checkpoint."
-            )
-    return running_mean, running_var
 
 
 def forward_eval(
@@ -446,145 +321,3 @@ def backward_eval(
     return kernels.backward_eval(
         dy, x, axis, running_mean.astype(np.float64), inv_std, gamma, out=out
     )
-
-
-def update_running_stats(
-    running_mean: Any,
-    running_var: Any,
-    cache: Cache | Moments,
-    *,
-    momentum: float | None = 0.99,
-    running_var_kind: str = "unbiased",
-    num_values_seen: int | None = None,
-    on_nonfinite: str = "raise",
-) -> tuple[np.ndarray, np.ndarray]:
-    """New running statistics after one batch; the inputs are not modified.
-
-    Parameters
-    ----------
-    running_mean, running_var : ndarray, shape (C,)
-    cache : Cache or Moments
-        The batch's statistics (from :func:`forward_train` or :class:`Moments`).
-    momentum : float in [0, 1] or None, default 0.99
-        Weight on the OLD value: ``run ← momentum · run + (1 − momentum) · batch``
-        (the seed's text; its formula puts β on the new sample, a typo). PyTorch's
-        ``momentum=0.1`` is ``0.9`` here. ``None`` keeps the exact statistics of every
-        value seen so far (count-weighted merge, not PyTorch's equal weight per
-        batch) and needs ``num_values_seen``.
-    running_var_kind : {"unbiased", "biased"}
-        Store ``M2/(m − 1)`` (darknet, PyTorch) or ``M2/m`` (Keras, ONNX).
-    num_values_seen : int, optional
-        Values per channel already summarized by the running statistics; only for
-        ``momentum=None``.
-    on_nonfinite : {"raise", "skip"}
-        A batch with NaN or infinite statistics never reaches the running
-        statistics: ``"raise"`` raises :class:`NonFiniteStatisticsError`, ``"skip"``
-        warns and returns copies of the old values.
-
-    Returns
-    -------
-    new_mean, new_var : ndarray, shape (C,), dtypes of the inputs
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> m = Moments(2, np.array([10.0]), np.array([2.0]))   # batch var 1, unbiased 2
-    >>> update_running_stats(np.zeros(1), np.ones(1), m, momentum=0.9)
-    (array([1.]), array([1.1]))
-    """
-    moments = cache.moments if isinstance(cache, Cache) else cache
-    if not isinstance(moments, Moments):
-        raise TypeError(
-            f"cache must be a Cache from forward_train or a Moments; got "
-            f"{type(cache).__name__}."
-        )
-    running_mean, running_var = _check_running(
-        running_mean, running_var, moments.num_channels
-    )
-    momentum = check_momentum(momentum)
-    kind = check_choice(running_var_kind, "running_var_kind", RUNNING_VAR_KINDS)
-    on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", ON_NONFINITE)
-    ddof = 1 if kind == "unbiased" else 0
-    if moments.count <= ddof:
-        raise ValueError(
-            f"running_var_kind={kind!r} needs more than {ddof} value per channel in "
-            f"the batch; got count={moments.count}. Use a larger batch, or "
-            "running_var_kind='biased'."
-        )
-    bad = np.flatnonzero(~(np.isfinite(moments.mean) & np.isfinite(moments.m2)))
-    if bad.size:
-        message = (
-            f"batch statistics are not finite in channels {bad[:8].tolist()}; the "
-            "running statistics were left unchanged. Look for NaN/inf in the input "
-            "or an exploding learning rate; pass on_nonfinite='skip' to skip such "
-            "batches with a warning."
-        )
-    else:
-        new_mean, new_var = _blend(
-            running_mean, running_var, moments, momentum, ddof, num_values_seen
-        )
-        bad = np.flatnonzero(~(np.isfinite(new_mean) & np.isfinite(new_var)))
-        if not bad.size:
-            return new_mean, new_var
-        message = (
-            f"the updated running statistics overflow {running_var.dtype} in "
-            f"channels {bad[:8].tolist()} (batch variance "
-            f"{moments.var(ddof)[bad[:8]].tolist()}); they were left unchanged. "
-            "Keep the running statistics in float32 or float64 (BatchNorm dtype=), "
-            "or rescale the input."
-        )
-    if on_nonfinite == "raise":
-        raise NonFiniteStatisticsError(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
-    return running_mean.copy(), running_var.copy()
-
-
-def _blend(
-    running_mean: np.ndarray,
-    running_var: np.ndarray,
-    moments: Moments,
-    momentum: float | None,
-    ddof: int,
-    num_values_seen: int | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The EMA (or exact cumulative) update, cast to the running dtypes."""
-    if momentum is None:
-        new_mean, new_var = _cumulative(
-            running_mean, running_var, moments, ddof, num_values_seen
-        )
-    else:
-        old_mean = running_mean.astype(np.float64)
-        old_var = running_var.astype(np.float64)
-        new_mean = momentum * old_mean + (1.0 - momentum) * moments.mean
-        new_var = momentum * old_var + (1.0 - momentum) * moments.var(ddof)
-    with np.errstate(over="ignore"):  # an overflow becomes inf, which is checked
-        return new_mean.astype(running_mean.dtype), new_var.astype(running_var.dtype)
-
-
-def _cumulative(
-    running_mean: np.ndarray,
-    running_var: np.ndarray,
-    batch: Moments,
-    ddof: int,
-    num_values_seen: int | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    if (
-        num_values_seen is None
-        or isinstance(num_values_seen, bool)
-        or not isinstance(num_values_seen, int | np.integer)
-        or num_values_seen < 0
-    ):
-        raise ValueError(
-            "momentum=None (exact cumulative statistics) needs num_values_seen, the "
-            "number of values per channel the running statistics already hold, as "
-            f"an int >= 0; got {num_values_seen!r}. The BatchNorm layer tracks it "
-            "for you."
-        )
-    seen = int(num_values_seen)
-    if seen == 0:
-        previous = Moments.empty(batch.num_channels)
-    else:
-        m2 = running_var.astype(np.float64) * max(seen - ddof, 0)
-        previous = Moments(seen, running_mean.astype(np.float64), m2)
-    total = previous.merge(batch)
-    return total.mean, total.var(ddof)

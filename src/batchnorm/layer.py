@@ -1,19 +1,29 @@
 """The BatchNorm layer: state only (γ, β, running statistics, mode, the last cache).
 
 All math is delegated to :mod:`batchnorm.functional`; the layer owns no optimizer,
-no file format and no communication.
+no file format and no communication. Its option checks and config are in
+:mod:`batchnorm._layer_options`; the rules that change its state (running-statistics
+update, reset, state dicts) in :mod:`batchnorm._layer_state`; output-buffer reuse in
+:mod:`batchnorm._buffers`.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from batchnorm import _backend, _groups
+from batchnorm import _groups, _layer_options, _layer_state
 from batchnorm import functional as F
+from batchnorm._buffers import OutputBuffers
+from batchnorm._layer_options import (
+    check_backend,
+    check_initial_running_stats,
+    check_layer_axis,
+    check_num_features,
+    check_parameter_dtype,
+)
 from batchnorm._validation import (
     EPS_PLACEMENTS,
     ON_NONFINITE,
@@ -24,8 +34,7 @@ from batchnorm._validation import (
     check_input,
     check_momentum,
 )
-from batchnorm.moments import Moments
-from batchnorm.presets import PARAMETER_DTYPES, PRESETS, check_state_dict
+from batchnorm.presets import PRESETS
 from batchnorm.renorm import check_renorm_limits
 
 
@@ -128,27 +137,8 @@ class BatchNorm:
         rmax: float = 3.0,
         dmax: float = 5.0,
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(
-            num_features, int | np.integer
-        ):
-            raise TypeError(
-                f"num_features must be an int (the number of channels C); got "
-                f"{type(num_features).__name__}."
-            )
-        if num_features < 1:
-            raise ValueError(
-                f"num_features must be >= 1; got {num_features}. Pass the number of "
-                "channels C of the input (x.shape[axis])."
-            )
-        if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
-            raise TypeError(f"axis must be an int; got {type(axis).__name__}.")
-        if axis == 0:
-            raise ValueError(
-                "axis=0 is the batch axis; use axis=1 for (N, C, ...) or axis=-1 for "
-                "channels-last."
-            )
-        self.num_features = int(num_features)
-        self.axis = int(axis)
+        self.num_features = check_num_features(num_features)
+        self.axis = check_layer_axis(axis)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum)
         self.running_var_kind = check_choice(
@@ -160,38 +150,17 @@ class BatchNorm:
         self.ddof = check_ddof(ddof)
         self.on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", ON_NONFINITE)
         self.affine = bool(affine)
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in PARAMETER_DTYPES:
-            raise TypeError(
-                f"dtype (of γ, β and the running statistics) must be float16, "
-                f"float32 or float64; got {self.dtype}. Inputs may be bfloat16; "
-                "parameters stay in a NumPy float dtype (float32 is the default)."
-            )
-        if backend is not None and backend not in _backend.BACKENDS:
-            raise ValueError(
-                f"backend must be one of {', '.join(map(repr, _backend.BACKENDS))} "
-                f"or None (use $BATCHNORM_BACKEND, else the fastest); got {backend!r}."
-            )
-        self.backend = backend
+        self.dtype = check_parameter_dtype(dtype)
+        self.backend = check_backend(backend)
         self.reuse_buffers = bool(reuse_buffers)
         self.virtual_batch_size = _groups.check_virtual_batch_size(virtual_batch_size)
         self.renorm = bool(renorm)
         self.rmax, self.dmax = check_renorm_limits(rmax, dmax)
         self._groups: _groups.GroupPass | None = None
-        self._buffers: dict[str, np.ndarray] = {}
-        self.initial_running_mean = float(initial_running_mean)
-        self.initial_running_var = float(initial_running_var)
-        if not (
-            np.isfinite(self.initial_running_mean)
-            and np.isfinite(self.initial_running_var)
-            and self.initial_running_var >= 0
-        ):
-            raise ValueError(
-                "initial_running_mean must be finite and initial_running_var finite "
-                f"and >= 0; got {self.initial_running_mean} and "
-                f"{self.initial_running_var}. The defaults are 0 and 1 (darknet: 0 "
-                "and 0)."
-            )
+        self._buffers = OutputBuffers()
+        self.initial_running_mean, self.initial_running_var = (
+            check_initial_running_stats(initial_running_mean, initial_running_var)
+        )
         c = self.num_features
         self.gamma: np.ndarray | None = np.ones(c, self.dtype) if affine else None
         self.beta: np.ndarray | None = np.zeros(c, self.dtype) if affine else None
@@ -233,26 +202,7 @@ class BatchNorm:
         >>> BatchNorm(**BatchNorm.from_preset("keras", 2).config()).eps
         0.001
         """
-        return {
-            "num_features": self.num_features,
-            "axis": self.axis,
-            "eps": self.eps,
-            "momentum": self.momentum,
-            "running_var_kind": self.running_var_kind,
-            "affine": self.affine,
-            "eps_placement": self.eps_placement,
-            "ddof": self.ddof,
-            "on_nonfinite": self.on_nonfinite,
-            "initial_running_mean": self.initial_running_mean,
-            "initial_running_var": self.initial_running_var,
-            "dtype": self.dtype.name,
-            "backend": self.backend,
-            "reuse_buffers": self.reuse_buffers,
-            "virtual_batch_size": self.virtual_batch_size,
-            "renorm": self.renorm,
-            "rmax": self.rmax,
-            "dmax": self.dmax,
-        }
+        return _layer_options.config(self)
 
     # -- modes ------------------------------------------------------------------
     def train(self) -> BatchNorm:
@@ -307,7 +257,7 @@ class BatchNorm:
             out=self._buffer("y", x),
         )
         if self.update_running_stats:
-            self._absorb(cache.moments)
+            _layer_state.absorb(self, cache.moments)
         if self.use_batch_stats:
             self._remember(cache=cache)
             return y
@@ -342,23 +292,8 @@ class BatchNorm:
         self._cache, self._groups, self._eval_input = cache, groups, eval_input
 
     def _buffer(self, name: str, like: np.ndarray, *inputs: Any) -> np.ndarray | None:
-        """Reused output array ``name`` shaped like ``like``; None by default.
-
-        Replaced when its shape or dtype no longer fits, or when it shares memory
-        with ``like`` or ``inputs`` (a caller feeding an earlier output back in).
-        """
-        if not self.reuse_buffers:
-            return None
-        buffer = self._buffers.get(name)
-        if (
-            buffer is None
-            or buffer.shape != like.shape
-            or buffer.dtype != like.dtype
-            or any(np.shares_memory(buffer, a) for a in (like, *inputs))
-        ):
-            buffer = np.empty(like.shape, like.dtype)
-            self._buffers[name] = buffer
-        return buffer
+        """Reused output array ``name`` (:class:`OutputBuffers`); None by default."""
+        return self._buffers.get(name, like, *inputs) if self.reuse_buffers else None
 
     def _check_channels(self, x: np.ndarray) -> None:
         if x.shape[self.axis] != self.num_features:
@@ -368,45 +303,6 @@ class BatchNorm:
                 "the channel axis (axis=-1 for channels-last) or build the layer "
                 f"with num_features={x.shape[self.axis]}."
             )
-
-    def _absorb(self, moments: Moments) -> None:
-        """Fold one batch into the running statistics (all or nothing)."""
-        update = self._updated_running_stats(
-            self.running_mean, self.running_var, self.num_values_seen, moments
-        )
-        if update is not None:
-            self.running_mean, self.running_var = update
-            self.num_batches_tracked += 1
-            self.num_values_seen += moments.count
-
-    def _updated_running_stats(
-        self,
-        running_mean: np.ndarray,
-        running_var: np.ndarray,
-        num_values_seen: int,
-        moments: Moments,
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """New running statistics after ``moments``, or None for a skipped batch.
-
-        :func:`functional.update_running_stats` decides what is non-finite (batch
-        statistics, or results that overflow the parameter dtype); this layer's
-        ``on_nonfinite`` decides between raising and skipping with a warning.
-        """
-        try:
-            return F.update_running_stats(
-                running_mean,
-                running_var,
-                moments,
-                momentum=self.momentum,
-                running_var_kind=self.running_var_kind,
-                num_values_seen=num_values_seen,
-                on_nonfinite="raise",
-            )
-        except F.NonFiniteStatisticsError as error:
-            if self.on_nonfinite == "raise":
-                raise
-            warnings.warn(str(error), RuntimeWarning, stacklevel=4)
-            return None
 
     def backward(self, dy: Any) -> np.ndarray:
         """Gradient of the last forward pass; sets ``grad_gamma`` and ``grad_beta``.
@@ -464,28 +360,11 @@ class BatchNorm:
     # -- state ------------------------------------------------------------------
     def reset_running_stats(self) -> None:
         """Running statistics back to their initial values; counters to 0."""
-        self.running_mean = np.full(
-            self.num_features, self.initial_running_mean, self.dtype
-        )
-        self.running_var = np.full(
-            self.num_features, self.initial_running_var, self.dtype
-        )
-        self.num_batches_tracked = 0
-        self.num_values_seen = 0
+        _layer_state.reset_running_stats(self)
 
     def state_dict(self) -> dict[str, Any]:
         """Copies of γ, β (when affine), running statistics and counters."""
-        state: dict[str, Any] = {
-            "running_mean": self.running_mean.copy(),
-            "running_var": self.running_var.copy(),
-            "num_batches_tracked": self.num_batches_tracked,
-            "num_values_seen": self.num_values_seen,
-        }
-        if self.affine:
-            assert self.gamma is not None and self.beta is not None
-            state["gamma"] = self.gamma.copy()
-            state["beta"] = self.beta.copy()
-        return state
+        return _layer_state.state_dict(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace the state with ``state``; on any error the layer is unchanged.
@@ -496,15 +375,7 @@ class BatchNorm:
             Missing or unknown keys, wrong shapes, non-floating arrays, negative or
             non-finite running variance, negative counters.
         """
-        arrays, counters = check_state_dict(
-            state, self.num_features, self.dtype, affine=self.affine
-        )
-        self.running_mean = arrays["running_mean"]
-        self.running_var = arrays["running_var"]
-        if self.affine:
-            self.gamma, self.beta = arrays["gamma"], arrays["beta"]
-        self.num_batches_tracked = counters["num_batches_tracked"]
-        self.num_values_seen = counters["num_values_seen"]
+        _layer_state.load_state_dict(self, state)
         self._cache = self._eval_input = self._groups = None
 
     def __repr__(self) -> str:
