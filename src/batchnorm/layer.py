@@ -72,7 +72,10 @@ class BatchNorm:
         into an array the layer keeps and reuses on the next call of the same
         shape, instead of allocating a new one. The array returned by one call is
         then overwritten by the next: copy it if you need it longer. A buffer that
-        shares memory with the call's input is never used for its output.
+        shares memory with the call's input is never used for its output. (On the
+        Numba backend new large outputs already reuse the blocks of outputs you
+        have dropped, see ``batchnorm.release_buffers``; this option also keeps
+        the address fixed and covers the NumPy backend.)
     virtual_batch_size : int >= 2 or None, default None
         Ghost batch norm: in training, each run of ``virtual_batch_size``
         consecutive samples (axis 0) is normalized with its own statistics; a
