@@ -64,17 +64,19 @@ def threads(request):
 
 @pytest.fixture
 def loops(monkeypatch):
-    """The compiled launcher builds that ran: ``"serial"``, ``"parallel"``.
+    """The launcher calls that ran, as ``(build, operation)``: ``("serial",
+    _loops.DX)``... (channels-last operations counted as their base operation).
 
-    So that every test below also checks which path it exercised: the Numba loops
-    for what they cover, the NumPy reference (no launcher) for the rest.
+    So that every test below also checks which path it exercised: the Numba loops,
+    for each operation, for what they cover; the NumPy reference (no launcher) for
+    the rest.
     """
-    ran: list[str] = []
+    ran: list[tuple[str, int]] = []
 
-    def spy(label, fn):
-        def wrapped(*args):
-            ran.append(label)
-            return fn(*args)
+    def spy(build, fn):
+        def wrapped(op, *args):
+            ran.append((build, int(op) % _loops.CHANNELS_LAST))
+            return fn(op, *args)
 
         return wrapped
 
@@ -87,18 +89,21 @@ def loops(monkeypatch):
     return ran
 
 
-def assert_path(ran, name, threads, *arrays):
-    """Numba loops iff the inputs are float32/64, C-contiguous and of one dtype;
-    parallel ones iff the case is a parallel size and two threads are set."""
+def assert_path(ran, name, ops, *arrays):
+    """The launcher ran exactly the operations ``ops`` iff the inputs are
+    float32/64, C-contiguous and of one dtype (else none: the reference); the
+    parallel build iff the case is a parallel size and more than one thread is
+    in effect (the ``threads`` fixture asks for 2; a 1-core machine has 1)."""
     covered = all(
         a.dtype in (np.float32, np.float64)
         and a.flags.c_contiguous
         and a.dtype == arrays[0].dtype
         for a in arrays
     )
-    assert bool(ran) == covered, (name, ran)
-    parallel = covered and threads > 1 and "parallel" in name
-    assert ("parallel" in ran) == parallel, (name, ran)
+    assert {op for _, op in ran} == (set(ops) if covered else set()), (name, ran)
+    parallel = covered and _numba.get_num_threads() > 1 and "parallel" in name
+    assert any(build == "parallel" for build, _ in ran) == parallel, (name, ran)
+    ran.clear()
 
 
 def make(shape, axis, transform, dtype, *, mean=3.0, std=2.0, seed=0):
@@ -138,7 +143,7 @@ def first_per_channel(x, axis):
 def test_batch_moments(threads, loops, name, shape, axis, transform, dtype):
     _, x, _, _, axis = make(shape, axis, transform, dtype, mean=1e4, std=1.0)
     count, mean, m2 = _numba.batch_moments(x, axis)
-    assert_path(loops, name, threads, x)
+    assert_path(loops, name, [_loops.MOMENTS], x)
     count_ref, mean_ref, m2_ref = _numpy.batch_moments(x, axis)
     assert count == count_ref
     x64 = x.astype(np.float64)
@@ -158,7 +163,7 @@ def test_normalize_is_bit_identical(
     mean, scale = rng.normal(3.0, 1.0, c), rng.uniform(0.2, 2.0, c)
     shift = rng.normal(size=c).astype(np.float32) if with_shift else None
     y = _numba.normalize(x, axis, mean, scale, shift, x.dtype)
-    assert_path(loops, name, threads, x)
+    assert_path(loops, name, [_loops.NORMALIZE], x)
     y_ref = _numpy.normalize(x, axis, mean, scale, shift, x.dtype)
     assert y.dtype == x.dtype and y.shape == x.shape
     np.testing.assert_array_equal(y, y_ref)
@@ -193,7 +198,7 @@ def test_backward_train(threads, loops, name, shape, axis, transform, dtype):
     dx, dgamma, dbeta = _numba.backward_train(
         dy, x, axis, mean, inv_std, gamma, k, count
     )
-    assert_path(loops, name, threads, x, dy)
+    assert_path(loops, name, [_loops.GRAD_SUMS, _loops.DX], x, dy)
     dx_ref, _, _ = _numpy.backward_train(dy, x, axis, mean, inv_std, gamma, k, count)
     _, _, abs_terms = assert_param_grads_close(
         dgamma, dbeta, dy, x, mean, inv_std, axis, count
@@ -225,7 +230,7 @@ def test_backward_eval(threads, loops, name, shape, axis, transform, dtype):
     rng, x, dy, c, axis = make(shape, axis, transform, dtype)
     count, mean, inv_std, gamma = gradient_inputs(rng, x, c, axis)
     dx, dgamma, dbeta = _numba.backward_eval(dy, x, axis, mean, inv_std, gamma)
-    assert_path(loops, name, threads, x, dy)
+    assert_path(loops, name, [_loops.GRAD_SUMS, _loops.NORMALIZE], x, dy)
     dx_ref, _, _ = _numpy.backward_eval(dy, x, axis, mean, inv_std, gamma)
     np.testing.assert_array_equal(dx, dx_ref)  # dy · (γ·inv_std): same float64 op
     assert_param_grads_close(dgamma, dbeta, dy, x, mean, inv_std, axis, count)
@@ -682,10 +687,15 @@ def test_kernels_work_with_no_writable_cache_location(tmp_path):
         "import numpy as np, batchnorm as bn;"
         "from batchnorm.kernels import _loops;"
         "x = np.random.default_rng(0).normal(size=(4, 2, 300)).astype(np.float32);"
-        "y, _ = bn.functional.forward_train(x, None, None, backend='numba');"
-        "ref, _ = bn.functional.forward_train(x, None, None, backend='numpy');"
+        "F = bn.functional;"
+        "y, c = F.forward_train(x, None, None, backend='numba');"
+        "ref, c_ref = F.forward_train(x, None, None, backend='numpy');"
+        "dx = F.backward(x, c, backend='numba')[0];"
+        "dx_ref = F.backward(x, c_ref, backend='numpy')[0];"
         f"print(bn.__file__.startswith({str(package)!r}),"
         " np.allclose(y, ref, rtol=0, atol=1e-6),"
+        " np.allclose(dx, dx_ref, rtol=0, atol=1e-6),"
+        " type(_loops.train_ncs._cache).__name__,"
         " type(_loops.launch.serial._cache).__name__)"
     )
     out = _python(
@@ -694,7 +704,7 @@ def test_kernels_work_with_no_writable_cache_location(tmp_path):
         HOME=str(home),
         NUMBA_CACHE_DIR=str(home / ".cache" / "numba"),
     )
-    assert out == "True True NullCache"
+    assert out == "True True True NullCache NullCache"
 
 
 # -- the two halves of the training gradient (synchronized layers) -------------------
@@ -707,7 +717,7 @@ def test_grad_sums_and_backward_apply(
     rng, x, dy, c, axis = make(shape, axis, transform, dtype)
     count, mean, inv_std, gamma = gradient_inputs(rng, x, c, axis)
     dgamma, dbeta = _numba.grad_sums(dy, x, axis, mean, inv_std)
-    assert_path(loops, name, threads, x, dy)
+    assert_path(loops, name, [_loops.GRAD_SUMS], x, dy)
     assert_param_grads_close(dgamma, dbeta, dy, x, mean, inv_std, axis, count)
     # As if another rank held a shard with other sums: global count and sums.
     total = 3 * count
@@ -715,14 +725,23 @@ def test_grad_sums_and_backward_apply(
     k = np.full(c, -1.0 / total)
     args = (dy, x, axis, mean, inv_std, gamma, k, total, sum_dgamma, sum_dbeta)
     dx = _numba.backward_apply(*args)
+    assert_path(loops, name, [_loops.DX], x, dy)
     dx_ref = _numpy.backward_apply(*args)
     assert dx.dtype == x.dtype and dx.shape == x.shape
-    # Same per-channel constants; the loop computes (x − mean)·(inv_std·k·Σdy·x̂)
-    # where the reference scales x̂: one float64 rounding apart before the output's.
+    # Both compute ((x − m)·s·kΣ + dy − v)·w in float64, with s = inv_std,
+    # kΣ = k·Σdy·x̂, v = Σdy/total and w = γ·s: the reference as ((x − m)·s)·kΣ,
+    # the loop as (x − m)·(s·kΣ). The first terms A share the roundings of x − m
+    # and of kΣ and differ in two others each: |ΔA| ≤ 4u|A|. Adding dy and
+    # subtracting v round once more in each (2u|A + dy| and 2u|A + dy − v| apart
+    # at most), the product with w once more (2u|dx|); then both round to the
+    # output dtype, where values this close can land one ulp apart.
     x_hat = np.abs(x.astype(np.float64) - per_channel(mean, x, axis)) * per_channel(
         inv_std, x, axis
     )
+    first = x_hat * per_channel(np.abs(k * sum_dgamma), x, axis)
+    v = per_channel(np.abs(sum_dbeta / total), x, axis)
     gain = per_channel(inv_std * gamma, x, axis)
-    slack = gain * (x_hat * per_channel(np.abs(k * sum_dgamma), x, axis) + np.abs(dy))
-    bound = np.finfo(dtype).eps * np.abs(dx_ref.astype(np.float64)) + 8 * U64 * slack
+    dx_ref64 = np.abs(dx_ref.astype(np.float64))
+    slack = gain * (8 * first + 4 * np.abs(dy.astype(np.float64)) + 2 * v)
+    bound = np.finfo(dtype).eps * dx_ref64 + U64 * (slack + 2 * dx_ref64)
     assert np.all(np.abs(dx.astype(np.float64) - dx_ref) <= bound)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -72,11 +77,71 @@ def test_zero_turns_the_cache_off(monkeypatch):
 
 
 @pytest.mark.parametrize("value", ["-1", "lots", "1.5"])
-def test_bad_setting_is_named(monkeypatch, value):
+@pytest.mark.parametrize("shape", [BIG, (4, 4)], ids=["large", "small"])
+def test_bad_setting_is_named(monkeypatch, value, shape):
     monkeypatch.setenv("BATCHNORM_POOL_BYTES", value)
-    with pytest.raises(ValueError, match=r"BATCHNORM_POOL_BYTES .*got '") as info:
-        _pool.empty(BIG, np.float32)
-    assert repr(value) in str(info.value)
+    with pytest.raises(ValueError) as info:
+        _pool.empty(shape, np.float32)
+    message = str(info.value)
+    assert "environment variable BATCHNORM_POOL_BYTES" in message
+    assert ">= 0" in message and f"got {value!r}" in message
+    assert "unset it" in message
+
+
+def test_lease_cannot_be_copied_or_pickled():
+    """Two leases of one block would give it back twice: refused."""
+    a = _pool.empty(BIG, np.float32)
+    a[...] = 1.5
+    for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="lease cannot be copied or pickled"):
+            attempt(a.base)
+    b = pickle.loads(pickle.dumps(a))  # the array itself: its values, copied
+    assert not isinstance(b.base, _pool._Lease) and np.array_equal(b, a)
+
+
+def test_public_release_buffers():
+    a = _pool.empty(BIG, np.float32)
+    del a
+    assert _pool.idle_bytes() == a_bytes()
+    assert bn.release_buffers() == a_bytes()
+    assert _pool.idle_bytes() == 0
+
+
+def a_bytes():
+    return int(np.prod(BIG)) * 4
+
+
+def test_collecting_a_cycle_inside_the_cache_does_not_deadlock(tmp_path):
+    """A garbage collection can run while the cache holds its lock (any
+    allocation may trigger one) and free a cycle that holds an output: the
+    lease's finalizer then runs inside the cache's own call. It must not wait for
+    the lock (it did once; this loop hung within seconds)."""
+    script = textwrap.dedent(
+        """
+        import faulthandler, sys
+        import numpy as np
+        from batchnorm import _pool
+        faulthandler.dump_traceback_later(60, exit=True)
+
+        class Holder:
+            pass
+
+        for trial in range(20000):
+            h = Holder()
+            h.me = h
+            h.arr = _pool.empty((1 << 18,), np.float32)
+            del h
+            _pool.release_buffers()
+            pad = [[] for _ in range(trial % 7)]
+            b = _pool.empty((1 << 19,), np.float32)
+            del b
+        print("done")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr
 
 
 def test_kernel_outputs_stay_independent():
@@ -101,8 +166,10 @@ def test_reused_block_gets_fully_overwritten():
     x = np.random.default_rng(1).normal(size=BIG).astype(np.float32)
     stale = _pool.empty(BIG, np.float32)
     stale[...] = np.nan
+    address = stale.ctypes.data
     del stale
     y = F.forward_eval(x, None, None, np.zeros(8), np.ones(8), backend="numba")
+    assert y.ctypes.data == address  # the stale block was reused
     assert np.isfinite(y).all()
     np.testing.assert_array_equal(
         y, F.forward_eval(x, None, None, np.zeros(8), np.ones(8), backend="numpy")
@@ -110,7 +177,7 @@ def test_reused_block_gets_fully_overwritten():
 
 
 def test_threads_never_share_a_block():
-    seen: list[tuple[int, int]] = []
+    done: list[int] = []
     errors: list[BaseException] = []
 
     def work(tag: int) -> None:
@@ -120,7 +187,7 @@ def test_threads_never_share_a_block():
                 a[:] = tag
                 if not np.all(a == tag):
                     raise AssertionError("another thread wrote into a leased block")
-                seen.append((tag, a.ctypes.data))
+                done.append(tag)
                 del a
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -131,4 +198,4 @@ def test_threads_never_share_a_block():
     for t in threads:
         t.join()
     assert not errors
-    assert len(seen) == 800
+    assert len(done) == 800

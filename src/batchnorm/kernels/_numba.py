@@ -150,13 +150,18 @@ def _vec(values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.float64)
 
 
+def _in_place(out: np.ndarray | None, dtype: np.dtype) -> bool:
+    """Whether the loops can write into ``out`` itself (else a temporary)."""
+    return out is not None and out.flags.c_contiguous and out.dtype == dtype
+
+
 def _target(x3: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """Where the loops write: ``out`` itself when it is C-contiguous.
 
     Otherwise a new array from :mod:`batchnorm._pool`, which reuses the blocks of
     large outputs the caller has let go of (no page faults on every call).
     """
-    if out is not None and out.flags.c_contiguous:
+    if out is not None and _in_place(out, x3.dtype):
         return out.reshape(x3.shape)
     return _pool.empty(x3.shape, x3.dtype)
 
@@ -166,7 +171,7 @@ def _result(
 ) -> np.ndarray:
     if out is None:
         return written.reshape(shape)
-    if not out.flags.c_contiguous:  # the loops wrote a temporary (see _target)
+    if not _in_place(out, written.dtype):  # the loops wrote a temporary (_target)
         out[...] = written.reshape(shape)
     return out
 
@@ -379,7 +384,7 @@ def backward_apply(
     inv_std = _vec(inv_std)
     gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
     dx3 = _target(x3, out)
-    args = (_vec(mean), _vec(inv_std * (k * dgamma)), dbeta / count, _vec(gain))
+    args = (_vec(mean), _vec(inv_std * (k * dgamma)), _vec(dbeta / count), _vec(gain))
     if x3.shape[2] == 1:
         shape2 = x3.shape[:2]
         x2, dy2, dx2 = (a.reshape(shape2) for a in (x3, dy3, dx3))
