@@ -1,16 +1,17 @@
-"""Compiled loops of the Numba backend: one fused pass per operation, per layout.
+"""The Numba backend's launcher and its (A, C, S) loops: one fused pass per operation.
 
 Two layouts cover every C-contiguous array (:mod:`batchnorm.kernels._numba` makes
 the views and falls back to the reference for everything else):
 
 - ``(A, C, S)``, rows of ``S`` contiguous values per (outer index, channel): NCHW
   and any channel axis with something after it. Work is split into contiguous
-  ranges of the ``A·C`` rows, one range per thread.
+  ranges of the ``A·C`` rows, one range per thread. Its row bodies are here.
 - ``(M, W)``, channels last: every row holds one value of each channel (or of
   ``k`` consecutive rows side by side, ``W = k·C``, with the per-channel vectors
   tiled ``k`` times: the caller folds short rows). Work is split into ranges of
   rows; each range keeps float64 partial sums per column, filled one tile of
-  ``_TILE`` columns and four rows at a time so that they stay in L1.
+  columns and four rows at a time so that they stay in L1. Its row bodies are in
+  :mod:`batchnorm.kernels._loops_channels_last`.
 
 One entry point, :func:`launch`, runs every operation (``MOMENTS``,
 ``NORMALIZE``, ``GRAD_SUMS``, ``DX``, plus ``CHANNELS_LAST`` for the channels-last
@@ -23,6 +24,7 @@ fixed (parfor lowering, the gufunc, LLVM passes over the linked bodies).
 exists twice: ``.parallel`` (``prange``) and ``.serial`` (the same code compiled
 without threads, for tensors too small to pay for a parallel launch). The row
 bodies are helpers without Python wrappers, compiled once and linked into both.
+The compile options and decorators are in :mod:`batchnorm.kernels._jit`.
 
 Statistics are shifted sums in float64: with ``p`` the first value of the channel,
 ``mean = p + Σd/m`` and ``M2 = Σd² − (Σd)²/m`` for ``d = x − p``. Because ``p`` is
@@ -34,106 +36,22 @@ the elementwise loops evaluate in exactly the reference's order, in float64.
 
 from __future__ import annotations
 
-import types
-from collections.abc import Callable
-from typing import Any, NamedTuple
-
-import numba
 import numpy as np
 from numba import prange
 
-# Columns per tile in the channels-last reductions: 2 float64 partials per column
-# (16 KiB at 1024) stay in L1 while the rows stream through; narrower tiles read
-# each row in short strided pieces, which measured slower.
-_TILE = 1024
-# Values per array in a block of rows that the channels-last reductions first
-# stream into L2 (256 KiB of float32; see _stream).
-_BLOCK_VALUES = 65536
-_REASSOC = ("reassoc", "contract")
-
-
-class KernelPair(NamedTuple):
-    """One loop compiled twice: without threads and with ``prange``."""
-
-    serial: Any
-    parallel: Any
-
-
-def _parallel_options() -> dict[str, bool]:
-    """``prange`` only: NumPy calls inside a kernel (``np.zeros``) stay serial.
-
-    Otherwise Numba turns each into a parallel region of its own, and every
-    region is a launch that may have to wake a sleeping thread.
-    """
-    return {
-        "prange": True,
-        **dict.fromkeys(
-            ("comprehension", "reduction", "inplace_binop", "setitem", "numpy"), False
-        ),
-        **dict.fromkeys(("stencil", "fusion"), False),
-    }
-
-
-def _jit(
-    fn: Callable[..., Any], *, parallel: bool, fastmath: bool, entry: bool = True
-) -> Any:
-    """``numba.njit`` with the options of this module.
-
-    No C-callback wrapper (nothing here is used as a first-class function), and
-    for helpers that only compiled code calls (``entry=False``) no Python
-    wrapper either: each wrapper is LLVM code generated, optimized and cached for
-    every specialization, part of the cold compile time.
-    """
-    options: dict[str, Any] = {
-        "nogil": True,
-        "parallel": _parallel_options() if parallel else False,
-        "fastmath": set(_REASSOC) if fastmath else False,
-        "no_cfunc_wrapper": True,
-        "no_cpython_wrapper": not entry,
-    }
-    try:
-        return numba.njit(fn, cache=True, **options)
-    except RuntimeError:
-        # No writable cache directory anywhere (numba tries $NUMBA_CACHE_DIR, the
-        # package's __pycache__, then ~/.cache/numba): compile in every process.
-        return numba.njit(fn, **options)
-
-
-def serial_and_parallel(
-    *, fastmath: bool = False
-) -> Callable[[Callable[..., Any]], KernelPair]:
-    def compile_both(fn: Callable[..., Any]) -> KernelPair:
-        # Numba's on-disk cache keys a function by its qualified name and line,
-        # not by its options, so the serial build must have a name of its own.
-        serial = types.FunctionType(
-            fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__
-        )
-        serial.__qualname__ = fn.__qualname__ + "_serial"
-        serial.__module__ = fn.__module__
-        return KernelPair(
-            _jit(serial, parallel=False, fastmath=fastmath),
-            _jit(fn, parallel=True, fastmath=fastmath),
-        )
-
-    return compile_both
-
-
-def _serial(fn: Callable[..., Any]) -> Any:
-    return _jit(fn, parallel=False, fastmath=True)
-
-
-def _helper(fn: Callable[..., Any]) -> Any:
-    """A serial loop that only other compiled loops call."""
-    return _jit(fn, parallel=False, fastmath=True, entry=False)
-
-
-def _helper_exact(fn: Callable[..., Any]) -> Any:
-    """A helper evaluated exactly as written (no reassociation, no contraction)."""
-    return _jit(fn, parallel=False, fastmath=False, entry=False)
-
-
-def _jit_serial_exact(fn: Callable[..., Any]) -> Any:
-    return _jit(fn, parallel=False, fastmath=False)
+from batchnorm.kernels._jit import KernelPair as KernelPair  # re-export: _numba, tests
+from batchnorm.kernels._jit import (
+    _helper,
+    _helper_exact,
+    _jit_serial_exact,
+    _serial,
+    serial_and_parallel,
+)
+from batchnorm.kernels._loops_channels_last import (
+    _dx_mc_rows,
+    _normalize_mc_rows,
+    _reduce_mc_rows,
+)
 
 
 @_helper
@@ -214,7 +132,8 @@ def _dx_rows(dy, x, mean, slope, dbeta_mean, gain, out, lo, hi):
     """``dx = ((x − mean)·slope + dy − dbeta_mean)·gain`` on rows lo:hi.
 
     ``slope = inv_std·k·dgamma`` per channel: ``x̂·k·dgamma`` with one product
-    fewer per value (and one vector fewer to keep in L1 in ``_dx_mc_rows``).
+    fewer per value (and one vector fewer to keep in L1 in the channels-last
+    ``_dx_mc_rows``).
     """
     channels, inner = x.shape[1], x.shape[2]
     for r in range(lo, hi):
@@ -256,123 +175,6 @@ def train_ncs(x, gamma, beta, eps, inside, ddof, out):
         inv_std = 1.0 / (np.sqrt(var) + eps)
     _normalize_rows(x, mean, inv_std * gamma, beta, out, zero, rows)
     return mean, m2, inv_std
-
-
-# ---- (M, W), channels last: bodies over the rows lo:hi --------------------------
-
-
-@_helper
-def _shifted_sums_tile(x, pivot, lo, hi, c0, c1, sums, squares):
-    """Add ``Σd``, ``Σd²`` (``d = x − pivot``) of rows lo:hi, columns c0:c1.
-
-    Four rows per sweep, so the float64 partials are loaded and stored once per
-    four values instead of once per value.
-    """
-    p, s, q = pivot[c0:c1], sums[c0:c1], squares[c0:c1]
-    r = lo
-    while r + 4 <= hi:
-        x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
-        for j in range(c1 - c0):
-            d0, d1 = np.float64(x0[j]) - p[j], np.float64(x1[j]) - p[j]
-            d2, d3 = np.float64(x2[j]) - p[j], np.float64(x3[j]) - p[j]
-            s[j] += (d0 + d1) + (d2 + d3)
-            q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r += 4
-    for rest in range(r, hi):
-        row = x[rest, c0:c1]
-        for j in range(c1 - c0):
-            d = np.float64(row[j]) - p[j]
-            s[j] += d
-            q[j] += d * d
-
-
-@_helper
-def _grad_sums_tile(dy, x, mean, lo, hi, c0, c1, sum_dy, sum_dy_xmu):
-    """Add ``Σdy``, ``Σdy·(x − mean)`` of rows lo:hi, columns c0:c1 (4 rows a sweep)."""
-    m, s, t = mean[c0:c1], sum_dy[c0:c1], sum_dy_xmu[c0:c1]
-    r = lo
-    while r + 4 <= hi:
-        g0, g1, g2, g3 = (
-            dy[r, c0:c1],
-            dy[r + 1, c0:c1],
-            dy[r + 2, c0:c1],
-            dy[r + 3, c0:c1],
-        )
-        x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
-        for j in range(c1 - c0):
-            a0, a1 = np.float64(g0[j]), np.float64(g1[j])
-            a2, a3 = np.float64(g2[j]), np.float64(g3[j])
-            s[j] += (a0 + a1) + (a2 + a3)
-            t[j] += (
-                a0 * (np.float64(x0[j]) - m[j]) + a1 * (np.float64(x1[j]) - m[j])
-            ) + (a2 * (np.float64(x2[j]) - m[j]) + a3 * (np.float64(x3[j]) - m[j]))
-        r += 4
-    for rest in range(r, hi):
-        g, src = dy[rest, c0:c1], x[rest, c0:c1]
-        for j in range(c1 - c0):
-            s[j] += np.float64(g[j])
-            t[j] += np.float64(g[j]) * (np.float64(src[j]) - m[j])
-
-
-@_helper
-def _stream(x, lo, hi):
-    """Read rows lo:hi once, as a plain sum, so that the next loop finds them in L2.
-
-    The partial-sum loops above store to L1 every few values; measured on a 51 MB
-    tensor they then stream DRAM at a third of a plain read's speed, while from L2
-    they run at full speed. Reading each block first restores the streaming.
-    """
-    flat = x[lo:hi].reshape(-1)
-    total = np.float32(0.0)
-    for i in range(flat.size):
-        total += flat[i]
-    return total
-
-
-@_helper
-def _reduce_mc_rows(op, dy, x, v0, lo, hi, s, q):
-    """Per-column sums of rows lo:hi into ``s[:W]`` and ``q``, a block at a time.
-
-    ``op`` MOMENTS: ``Σd``, ``Σd²`` of ``d = x − v0``; GRAD_SUMS: ``Σ dy``,
-    ``Σ dy·(x − v0)``. Each block of rows is first streamed into L2 (``_stream``,
-    whose sum sinks into ``s[W]``), then added one tile of ``_TILE`` columns at a
-    time, so that the float64 partials stay in L1.
-    """
-    width = x.shape[1]
-    block = max(4, _BLOCK_VALUES // width // 4 * 4)
-    for r0 in range(lo, hi, block):
-        r1 = min(r0 + block, hi)
-        if op == MOMENTS:
-            s[width] += _stream(x, r0, r1)
-        else:
-            s[width] += _stream(dy, r0, r1) + _stream(x, r0, r1)
-        for c0 in range(0, width, _TILE):
-            c1 = min(c0 + _TILE, width)
-            if op == MOMENTS:
-                _shifted_sums_tile(x, v0, r0, r1, c0, c1, s, q)
-            else:
-                _grad_sums_tile(dy, x, v0, r0, r1, c0, c1, s, q)
-
-
-@_helper_exact
-def _normalize_mc_rows(x, out, mean, scale, shift, lo, hi):
-    """``out = (x − mean) · scale + shift`` per channel on rows lo:hi."""
-    channels = x.shape[1]
-    for r in range(lo, hi):
-        src, dst = x[r], out[r]
-        for c in range(channels):
-            dst[c] = (np.float64(src[c]) - mean[c]) * scale[c] + shift[c]
-
-
-@_helper_exact
-def _dx_mc_rows(dy, x, out, mean, slope, dbeta_mean, gain, lo, hi):
-    """``dx = ((x − mean)·slope + dy − dbeta_mean)·gain`` on rows lo:hi."""
-    channels = x.shape[1]
-    for r in range(lo, hi):
-        g, src, dst = dy[r], x[r], out[r]
-        for c in range(channels):
-            dx = (np.float64(src[c]) - mean[c]) * slope[c] + np.float64(g[c])
-            dst[c] = (dx - dbeta_mean[c]) * gain[c]
 
 
 # Added to an operation: the same operation on channels-last (1, M, W) arrays.
@@ -438,7 +240,9 @@ def launch(op, x, dy, out, v0, v1, v2, v3, num_chunks):
         elif body == DX:
             _dx_mc_rows(dy[0], x[0], out[0], v0, v1, v2, v3, lo, hi)
         else:
-            _reduce_mc_rows(body, dy[0], x[0], v0, lo, hi, p0[chunk], p1[chunk])
+            _reduce_mc_rows(
+                body == MOMENTS, dy[0], x[0], v0, lo, hi, p0[chunk], p1[chunk]
+            )
     if op == MOMENTS:
         count = x.shape[0] * x.shape[2]
         return finish_moments(pivot, column_sums(p0), column_sums(p1), count)

@@ -6,12 +6,14 @@ results to float64 rounding (the tests hold them equal). What is covered:
 - float32 and float64 ``x`` (and ``dy`` of the same dtype) that is C-contiguous,
   with the channel axis anywhere: ``x`` is viewed without a copy as (A, C, S)
   (NCHW is ``(N, C, H·W)``) or, when nothing follows the channel axis, as
-  channels-last ``(M, C)``. The loops are in :mod:`batchnorm.kernels._loops`.
+  channels-last ``(M, C)``. The loops are in :mod:`batchnorm.kernels._loops` and
+  :mod:`batchnorm.kernels._loops_channels_last`.
 - Everything else (float16, bfloat16, strided or Fortran-ordered views, an ``out``
   of another dtype, empty arrays) is computed by the NumPy reference: slower,
   never a different answer.
 
-Threads: :func:`set_num_threads`, else ``$BATCHNORM_NUM_THREADS``, else Numba's
+Threads (:mod:`batchnorm.kernels._threads`, re-exported here):
+:func:`set_num_threads`, else ``$BATCHNORM_NUM_THREADS``, else Numba's
 ``NUMBA_NUM_THREADS`` (the number of cores). Tensors under ``PARALLEL_MIN_SIZE``
 values run on one thread, where a parallel launch costs more than it saves, and
 so does a ``fork()``-ed child of a process that already ran parallel loops (GNU
@@ -27,14 +29,19 @@ process instead of failing.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
-import numba
 import numpy as np
 
 from batchnorm import _pool
 from batchnorm.kernels import _loops, _numpy
+from batchnorm.kernels._threads import (
+    PARALLEL_MIN_SIZE,
+    _chunks,
+    get_num_threads,
+    set_num_threads,
+)
+from batchnorm.kernels._threads import _max_threads as _max_threads  # bench, tests
 
 __all__ = [
     "PARALLEL_MIN_SIZE",
@@ -49,80 +56,9 @@ __all__ = [
     "set_num_threads",
 ]
 
-#: Below this many values an operation runs on one thread: one core streams 65536
-#: float32 values in about 10 µs, the order of a parallel launch (and a launch on a
-#: busy machine can wait for a scheduler tick, milliseconds).
-PARALLEL_MIN_SIZE = 1 << 16
-
 #: Channels-last rows shorter than this are folded together (see ``_folds``).
 _FOLD_WIDTH = 512
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_num_threads: int | None = None
-_parallel_pid: int | None = None  # the process whose parallel loops ran first
-
-
-def _max_threads() -> int:
-    """Numba's thread pool size, fixed at import (``$NUMBA_NUM_THREADS``, or cores)."""
-    return int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
-
-
-def _check_num_threads(value: object, source: str) -> int:
-    limit = _max_threads()
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{source} must be an int; got {type(value).__name__}.")
-    if not 1 <= value <= limit:
-        raise ValueError(
-            f"{source} must be between 1 and {limit} (NUMBA_NUM_THREADS, fixed when "
-            f"numba is imported); got {value}."
-        )
-    return int(value)
-
-
-def set_num_threads(num_threads: int | None) -> None:
-    """Threads for the Numba kernels of this process; ``None`` restores the default.
-
-    >>> set_num_threads(1); get_num_threads()
-    1
-    >>> set_num_threads(None)
-    """
-    global _num_threads
-    if num_threads is None:
-        _num_threads = None
-        return
-    _num_threads = _check_num_threads(num_threads, "num_threads")
-
-
-def get_num_threads() -> int:
-    """:func:`set_num_threads`, else ``$BATCHNORM_NUM_THREADS``, else every core."""
-    if _num_threads is not None:
-        return _num_threads
-    env = os.environ.get("BATCHNORM_NUM_THREADS")
-    if env:
-        try:
-            value = int(env)
-        except ValueError:
-            raise ValueError(
-                f"BATCHNORM_NUM_THREADS must be an int; got {env!r}."
-            ) from None
-        return _check_num_threads(value, "BATCHNORM_NUM_THREADS")
-    return _max_threads()
-
-
-def _chunks(size: int) -> int:
-    """Threads for an operation on ``size`` values (1: the serial loops)."""
-    global _parallel_pid
-    if size < PARALLEL_MIN_SIZE:
-        return 1
-    num_threads = get_num_threads()
-    if num_threads > 1:
-        # GNU OpenMP aborts a fork()ed child that starts a parallel region once
-        # its parent has ("fork() called from a process already using GNU
-        # OpenMP"); such a child runs the serial loops instead.
-        if _parallel_pid is None:
-            _parallel_pid = os.getpid()
-        elif _parallel_pid != os.getpid():
-            return 1
-    return num_threads
 
 
 def _pick(pair: _loops.KernelPair, num_chunks: int) -> Any:

@@ -1,0 +1,104 @@
+"""Compile options of the Numba loops: the decorators and the serial/parallel pair.
+
+Every compiled loop of :mod:`batchnorm.kernels._loops`,
+:mod:`batchnorm.kernels._loops_channels_last` and :mod:`batchnorm.kernels._floor`
+goes through :func:`_jit`: ``nogil``, ``cache=True`` (compiled in every process
+when no cache directory is writable), no C-callback wrapper, and ``fastmath``
+limited to reassociation and contraction, for the reductions only. Helpers that
+only compiled code calls get no Python wrapper; :func:`serial_and_parallel`
+compiles one loop twice, without threads and with ``prange``.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numba
+
+_REASSOC = ("reassoc", "contract")
+
+
+class KernelPair(NamedTuple):
+    """One loop compiled twice: without threads and with ``prange``."""
+
+    serial: Any
+    parallel: Any
+
+
+def _parallel_options() -> dict[str, bool]:
+    """``prange`` only: NumPy calls inside a kernel (``np.zeros``) stay serial.
+
+    Otherwise Numba turns each into a parallel region of its own, and every
+    region is a launch that may have to wake a sleeping thread.
+    """
+    return {
+        "prange": True,
+        **dict.fromkeys(
+            ("comprehension", "reduction", "inplace_binop", "setitem", "numpy"), False
+        ),
+        **dict.fromkeys(("stencil", "fusion"), False),
+    }
+
+
+def _jit(
+    fn: Callable[..., Any], *, parallel: bool, fastmath: bool, entry: bool = True
+) -> Any:
+    """``numba.njit`` with the options of this module.
+
+    No C-callback wrapper (nothing here is used as a first-class function), and
+    for helpers that only compiled code calls (``entry=False``) no Python
+    wrapper either: each wrapper is LLVM code generated, optimized and cached for
+    every specialization, part of the cold compile time.
+    """
+    options: dict[str, Any] = {
+        "nogil": True,
+        "parallel": _parallel_options() if parallel else False,
+        "fastmath": set(_REASSOC) if fastmath else False,
+        "no_cfunc_wrapper": True,
+        "no_cpython_wrapper": not entry,
+    }
+    try:
+        return numba.njit(fn, cache=True, **options)
+    except RuntimeError:
+        # No writable cache directory anywhere (numba tries $NUMBA_CACHE_DIR, the
+        # package's __pycache__, then ~/.cache/numba): compile in every process.
+        return numba.njit(fn, **options)
+
+
+def serial_and_parallel(
+    *, fastmath: bool = False
+) -> Callable[[Callable[..., Any]], KernelPair]:
+    def compile_both(fn: Callable[..., Any]) -> KernelPair:
+        # Numba's on-disk cache keys a function by its qualified name and line,
+        # not by its options, so the serial build must have a name of its own.
+        serial = types.FunctionType(
+            fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__
+        )
+        serial.__qualname__ = fn.__qualname__ + "_serial"
+        serial.__module__ = fn.__module__
+        return KernelPair(
+            _jit(serial, parallel=False, fastmath=fastmath),
+            _jit(fn, parallel=True, fastmath=fastmath),
+        )
+
+    return compile_both
+
+
+def _serial(fn: Callable[..., Any]) -> Any:
+    return _jit(fn, parallel=False, fastmath=True)
+
+
+def _helper(fn: Callable[..., Any]) -> Any:
+    """A serial loop that only other compiled loops call."""
+    return _jit(fn, parallel=False, fastmath=True, entry=False)
+
+
+def _helper_exact(fn: Callable[..., Any]) -> Any:
+    """A helper evaluated exactly as written (no reassociation, no contraction)."""
+    return _jit(fn, parallel=False, fastmath=False, entry=False)
+
+
+def _jit_serial_exact(fn: Callable[..., Any]) -> Any:
+    return _jit(fn, parallel=False, fastmath=False)

@@ -1,0 +1,88 @@
+"""Thread counts of the Numba kernels: the setting, its checks, and the fork rule.
+
+:func:`set_num_threads`, else ``$BATCHNORM_NUM_THREADS``, else Numba's
+``NUMBA_NUM_THREADS`` (the number of cores, fixed when numba is imported).
+:func:`_chunks` turns that into the number of ranges an operation is split into:
+1 (the serial loops) under ``PARALLEL_MIN_SIZE`` values, and in a ``fork()``-ed
+child of a process that already ran parallel loops (GNU OpenMP would abort it).
+:mod:`batchnorm.kernels._numba` re-exports the public names.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+
+#: Below this many values an operation runs on one thread: one core streams 65536
+#: float32 values in about 10 µs, the order of a parallel launch (and a launch on a
+#: busy machine can wait for a scheduler tick, milliseconds).
+PARALLEL_MIN_SIZE = 1 << 16
+
+_num_threads: int | None = None
+_parallel_pid: int | None = None  # the process whose parallel loops ran first
+
+
+def _max_threads() -> int:
+    """Numba's thread pool size, fixed at import (``$NUMBA_NUM_THREADS``, or cores)."""
+    return int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+
+
+def _check_num_threads(value: object, source: str) -> int:
+    limit = _max_threads()
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{source} must be an int; got {type(value).__name__}.")
+    if not 1 <= value <= limit:
+        raise ValueError(
+            f"{source} must be between 1 and {limit} (NUMBA_NUM_THREADS, fixed when "
+            f"numba is imported); got {value}."
+        )
+    return int(value)
+
+
+def set_num_threads(num_threads: int | None) -> None:
+    """Threads for the Numba kernels of this process; ``None`` restores the default.
+
+    >>> set_num_threads(1); get_num_threads()
+    1
+    >>> set_num_threads(None)
+    """
+    global _num_threads
+    if num_threads is None:
+        _num_threads = None
+        return
+    _num_threads = _check_num_threads(num_threads, "num_threads")
+
+
+def get_num_threads() -> int:
+    """:func:`set_num_threads`, else ``$BATCHNORM_NUM_THREADS``, else every core."""
+    if _num_threads is not None:
+        return _num_threads
+    env = os.environ.get("BATCHNORM_NUM_THREADS")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(
+                f"BATCHNORM_NUM_THREADS must be an int; got {env!r}."
+            ) from None
+        return _check_num_threads(value, "BATCHNORM_NUM_THREADS")
+    return _max_threads()
+
+
+def _chunks(size: int) -> int:
+    """Threads for an operation on ``size`` values (1: the serial loops)."""
+    global _parallel_pid
+    if size < PARALLEL_MIN_SIZE:
+        return 1
+    num_threads = get_num_threads()
+    if num_threads > 1:
+        # GNU OpenMP aborts a fork()ed child that starts a parallel region once
+        # its parent has ("fork() called from a process already using GNU
+        # OpenMP"); such a child runs the serial loops instead.
+        if _parallel_pid is None:
+            _parallel_pid = os.getpid()
+        elif _parallel_pid != os.getpid():
+            return 1
+    return num_threads
