@@ -92,7 +92,7 @@ def _in_place(out: np.ndarray | None, dtype: np.dtype) -> bool:
 
 
 def _target(x3: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """Where the loops write: ``out`` itself when it is C-contiguous.
+    """Where the loops write: ``out`` itself when it is C-contiguous and of x's dtype.
 
     Otherwise a new array from :mod:`batchnorm._pool`, which reuses the blocks of
     large outputs the caller has let go of (no page faults on every call).
