@@ -16,7 +16,9 @@ outputs gave back:
 - Only blocks of at least :data:`MIN_BYTES` are cached. A block given back is
   kept only while the idle blocks stay within ``$BATCHNORM_POOL_BYTES`` bytes
   (default :data:`DEFAULT_MAX_BYTES`; 0 turns the cache off), else it is freed as
-  usual. Lowering the limit frees nothing by itself: :func:`release_buffers` frees
+  usual. The variable is read, and a bad value reported, whenever an output of
+  that size is made (small outputs never read it: a microsecond per call).
+  Lowering the limit frees nothing by itself: :func:`release_buffers` frees
   every idle block now.
 - Like the thread count, the cache is per process; it holds memory, never a
   result: every output's values are the kernel's, whatever block it lands in.
@@ -138,9 +140,11 @@ def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """An uninitialized C-contiguous array, from an idle block when one fits exactly."""
     global _idle_bytes
     dtype = np.dtype(dtype)
-    limit = max_bytes()
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < MIN_BYTES or limit == 0:
+    if nbytes < MIN_BYTES:  # before reading the environment: ~1 µs a call
+        return np.empty(shape, dtype)
+    limit = max_bytes()
+    if limit == 0:
         return np.empty(shape, dtype)
     with _lock:
         _take_returned(limit)
