@@ -38,7 +38,7 @@ def vectors(channels: int) -> list[np.ndarray]:
 
     Not one array passed four times: at C = 1024 three distinct vectors are 24 KiB
     that compete with the rows for the 32 KiB L1, one array is 8 KiB, and
-    ``normalize_mc`` on (4096, 1024) measured 2.2 ms against 1.2 ms.
+    the channels-last ``normalize`` on (4096, 1024) measured 2.2 ms against 1.2 ms.
     """
     rng = np.random.default_rng(1)
     return [rng.uniform(0.5, 1.5, channels) for _ in range(4)]
