@@ -29,6 +29,7 @@ pytest.importorskip("numba")
 
 import batchnorm as bn  # noqa: E402
 from batchnorm.kernels import _loops, _numba, _numpy  # noqa: E402
+from launcher_spy import spy_on_launcher  # noqa: E402
 
 F = bn.functional
 U64 = 2.0**-53
@@ -64,29 +65,13 @@ def threads(request):
 
 @pytest.fixture
 def loops(monkeypatch):
-    """The launcher calls that ran, as ``(build, operation)``: ``("serial",
-    _loops.DX)``... (channels-last operations counted as their base operation).
+    """The launcher calls that ran, as ``(build, operation)`` (see launcher_spy).
 
     So that every test below also checks which path it exercised: the Numba loops,
     for each operation, for what they cover; the NumPy reference (no launcher) for
     the rest.
     """
-    ran: list[tuple[str, int]] = []
-
-    def spy(build, fn):
-        def wrapped(op, *args):
-            ran.append((build, int(op) % _loops.CHANNELS_LAST))
-            return fn(op, *args)
-
-        return wrapped
-
-    pair = _loops.launch
-    monkeypatch.setattr(
-        _loops,
-        "launch",
-        _loops.KernelPair(spy("serial", pair.serial), spy("parallel", pair.parallel)),
-    )
-    return ran
+    return spy_on_launcher(monkeypatch)
 
 
 def assert_path(ran, name, ops, *arrays):

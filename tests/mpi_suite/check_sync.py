@@ -14,6 +14,7 @@ import pytest
 
 import batchnorm as bn
 from batchnorm.distributed import SyncBatchNorm, SyncError
+from launcher_spy import spy_on_launcher
 
 MPI = pytest.importorskip("mpi4py.MPI")
 COMM = MPI.COMM_WORLD
@@ -36,28 +37,6 @@ TOLERANCE = {np.float64: 1e-12, np.float32: 1e-6}
 BACKENDS = ["numpy"] + (["numba"] if importlib.util.find_spec("numba") else [])
 
 
-def spy_on_launcher(monkeypatch):
-    """The operations (``_loops.GRAD_SUMS``... modulo the layout) the Numba
-    launcher runs from now on in this test, and the codes of the backward's two
-    halves."""
-    from batchnorm.kernels import _loops
-
-    ran: list[int] = []
-    pair = _loops.launch
-
-    def spy(fn):
-        def wrapped(op, *args):
-            ran.append(int(op) % _loops.CHANNELS_LAST)
-            return fn(op, *args)
-
-        return wrapped
-
-    monkeypatch.setattr(
-        _loops, "launch", _loops.KernelPair(spy(pair.serial), spy(pair.parallel))
-    )
-    return ran, [_loops.GRAD_SUMS, _loops.DX]
-
-
 @pytest.mark.parametrize("sharding", SHARDINGS.values(), ids=SHARDINGS.keys())
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize(("shape", "axis"), [((3, 6, 5), 1), ((4, 3, 3, 2), -1)])
@@ -76,9 +55,7 @@ def test_sync_equals_single_process(
     # runs on the backend under test.
     single = bn.BatchNorm(c, axis=axis, backend="numpy", **options)
     sync = SyncBatchNorm(c, axis=axis, timeout=30, backend=backend, **options)
-    launched, halves = (
-        spy_on_launcher(monkeypatch) if backend == "numba" else (None, [])
-    )
+    launched = spy_on_launcher(monkeypatch) if backend == "numba" else None
     gamma = rng.uniform(0.5, 2.0, c).astype(dtype)
     beta = rng.normal(size=c).astype(dtype)
     for layer in (single, sync):
@@ -95,7 +72,7 @@ def test_sync_equals_single_process(
             launched.clear()
         dx = sync.backward(dy[lo:hi])
         # Checked after the comparisons below, which every rank reaches together.
-        ran_backward = None if launched is None else list(launched)
+        ran_backward = None if launched is None else [op for _, op in launched]
         scale = np.abs(dx_full).max()
         np.testing.assert_allclose(y, y_full[lo:hi], rtol=tol, atol=tol)
         np.testing.assert_allclose(dx, dx_full[lo:hi], rtol=tol, atol=tol * scale)
@@ -109,7 +86,10 @@ def test_sync_equals_single_process(
         np.testing.assert_allclose(sync.running_var, single.running_var, rtol=tol)
         assert sync.num_values_seen == single.num_values_seen
         if ran_backward is not None:  # the backward's two halves ran the Numba loops
-            assert ran_backward == (halves if hi > lo else []), ran_backward
+            from batchnorm.kernels import _loops
+
+            halves = [_loops.GRAD_SUMS, _loops.DX] if hi > lo else []
+            assert ran_backward == halves, ran_backward
     # Running statistics are bitwise identical on every rank.
     everyone = COMM.allgather((sync.running_mean.tobytes(), sync.running_var.tobytes()))
     assert all(item == everyone[0] for item in everyone)
