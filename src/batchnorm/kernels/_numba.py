@@ -191,6 +191,22 @@ def _channels_last(
     return result
 
 
+def _run(
+    op: int,
+    n: int,
+    x3: np.ndarray,
+    dy3: np.ndarray | None,
+    out3: np.ndarray | None,
+    *vectors: np.ndarray,
+) -> Any:
+    """Operation ``op`` on (A, C, S) views: as channels-last (M, C) when S is 1."""
+    if x3.shape[2] != 1:
+        return _run_ncs(op, n, x3, dy3, out3, *vectors)
+    shape2 = x3.shape[:2]
+    dy2, out2 = (None if a is None else a.reshape(shape2) for a in (dy3, out3))
+    return _channels_last(op, n, x3.reshape(shape2), dy2, out2, vectors)
+
+
 def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Shifted one-pass ``(count, mean, M2)`` per channel, float64 partials."""
     x3 = _fast_view(x, axis)
@@ -224,14 +240,7 @@ def normalize(
     shift = np.zeros(x3.shape[1]) if shift is None else shift
     y3 = _target(x3, out)
     n = _chunks(x.size)
-    vectors = (_vec(mean), _vec(scale), _vec(shift))
-    if x3.shape[2] == 1:
-        shape2 = x3.shape[:2]
-        _channels_last(
-            _loops.NORMALIZE, n, x3.reshape(shape2), None, y3.reshape(shape2), vectors
-        )
-    else:
-        _run_ncs(_loops.NORMALIZE, n, x3, None, y3, *vectors)
+    _run(_loops.NORMALIZE, n, x3, None, y3, _vec(mean), _vec(scale), _vec(shift))
     return _result(y3, x.shape, out)
 
 
@@ -268,16 +277,35 @@ def forward_train(
 
 
 def _grad_sums(
-    dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray, n: int
+    dy3: np.ndarray, x3: np.ndarray, mean: Any, inv_std: Any, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    if x3.shape[2] == 1:
-        shape2 = x3.shape[:2]
-        sum_dy, sum_dy_xmu = _channels_last(
-            _loops.GRAD_SUMS, n, x3.reshape(shape2), dy3.reshape(shape2), None, (mean,)
-        )
-        return sum_dy, sum_dy_xmu
-    sum_dy, sum_dy_xmu = _run_ncs(_loops.GRAD_SUMS, n, x3, dy3, None, mean)
-    return sum_dy, sum_dy_xmu
+    """``(Σ dy·x̂, Σ dy)`` of the views: ``inv_std·Σ dy·(x − mean)`` in one pass."""
+    dbeta, sum_dy_xmu = _run(_loops.GRAD_SUMS, n, x3, dy3, None, _vec(mean))
+    return sum_dy_xmu * _vec(inv_std), dbeta
+
+
+@_numpy._quiet
+def _apply(
+    dy3: np.ndarray,
+    x3: np.ndarray,
+    shape: tuple[int, ...],
+    mean: Any,
+    inv_std: Any,
+    gamma: np.ndarray | None,
+    k: np.ndarray,
+    count: int,
+    dgamma: np.ndarray,
+    dbeta: np.ndarray,
+    out: np.ndarray | None,
+    n: int,
+) -> np.ndarray:
+    """``dx`` of the views from the sums, in one pass, shaped ``shape``."""
+    inv_std = _vec(inv_std)
+    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
+    dx3 = _target(x3, out)
+    slope = _vec(inv_std * (k * dgamma))
+    _run(_loops.DX, n, x3, dy3, dx3, _vec(mean), slope, _vec(dbeta / count), gain)
+    return _result(dx3, shape, out)
 
 
 def grad_sums(
@@ -287,12 +315,9 @@ def grad_sums(
     views = _pair_views(dy, x, axis)
     if views is None:
         return _numpy.grad_sums(dy, x, axis, mean, inv_std)
-    dy3, x3 = views
-    dbeta, sum_dy_xmu = _grad_sums(dy3, x3, _vec(mean), _chunks(x.size))
-    return sum_dy_xmu * _vec(inv_std), dbeta
+    return _grad_sums(*views, mean, inv_std, _chunks(x.size))
 
 
-@_numpy._quiet
 def backward_apply(
     dy: np.ndarray,
     x: np.ndarray,
@@ -317,17 +342,9 @@ def backward_apply(
         )
     dy3, x3 = views
     n = _chunks(x.size)
-    inv_std = _vec(inv_std)
-    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
-    dx3 = _target(x3, out)
-    args = (_vec(mean), _vec(inv_std * (k * dgamma)), _vec(dbeta / count), _vec(gain))
-    if x3.shape[2] == 1:
-        shape2 = x3.shape[:2]
-        x2, dy2, dx2 = (a.reshape(shape2) for a in (x3, dy3, dx3))
-        _channels_last(_loops.DX, n, x2, dy2, dx2, args)
-    else:
-        _run_ncs(_loops.DX, n, x3, dy3, dx3, *args)
-    return _result(dx3, x.shape, out)
+    return _apply(
+        dy3, x3, x.shape, mean, inv_std, gamma, k, count, dgamma, dbeta, out, n
+    )
 
 
 def backward_train(
@@ -342,14 +359,15 @@ def backward_train(
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact training-mode gradient: one reduction pass, then one pass for ``dx``."""
-    if _pair_views(dy, x, axis) is None:
+    views = _pair_views(dy, x, axis)
+    if views is None:
         return _numpy.backward_train(
             dy, x, axis, mean, inv_std, gamma, k, count, out=out
         )
-    dgamma, dbeta = grad_sums(dy, x, axis, mean, inv_std)
-    dx = backward_apply(
-        dy, x, axis, mean, inv_std, gamma, k, count, dgamma, dbeta, out=out
-    )
+    dy3, x3 = views
+    n = _chunks(x.size)
+    dgamma, dbeta = _grad_sums(dy3, x3, mean, inv_std, n)
+    dx = _apply(dy3, x3, x.shape, mean, inv_std, gamma, k, count, dgamma, dbeta, out, n)
     return dx, dgamma, dbeta
 
 
@@ -367,10 +385,9 @@ def backward_eval(
     views = _pair_views(dy, x, axis)
     if views is None:
         return _numpy.backward_eval(dy, x, axis, mean, inv_std, gamma, out=out)
-    dy3, x3 = views
+    dgamma, dbeta = _grad_sums(*views, mean, inv_std, _chunks(x.size))
     inv_std = _vec(inv_std)
-    dbeta, sum_dy_xmu = _grad_sums(dy3, x3, _vec(mean), _chunks(x.size))
     gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
-    zeros = np.zeros(x3.shape[1])
+    zeros = np.zeros(x.shape[axis])
     dx = normalize(dy, axis, zeros, gain, None, x.dtype, out=out)
-    return dx, sum_dy_xmu * inv_std, dbeta
+    return dx, dgamma, dbeta
