@@ -653,6 +653,31 @@ def test_kernels_cache_to_numba_cache_dir(tmp_path):
     assert any(p.suffix == ".nbi" for p in tmp_path.rglob("*"))
 
 
+def test_an_edit_of_a_helper_module_alone_reaches_the_cached_launcher(tmp_path):
+    """Numba's cache checks only the cached function's own file, and the launcher
+    (``_loops.py``) carries the channels-last bodies of ``_loops_channels_last.py``
+    compiled in: the digest of the package's sources in every cached name makes an
+    edit of that module alone compile the launcher anew, instead of loading it."""
+    package = tmp_path / "site" / "batchnorm"
+    shutil.copytree(
+        Path(bn.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    code = (
+        "import numpy as np; from batchnorm.kernels import _loops;"
+        "x = np.ones((1, 2, 3)); out = np.empty_like(x); v = np.ones(3);"
+        "_loops.launch.serial(_loops.DX + _loops.CHANNELS_LAST, x, x, out,"
+        " v, v, v, v, 1);"
+        "print(out[0, 0, 0])"
+    )
+    env = {"PYTHONPATH": str(package.parent), "NUMBA_CACHE_DIR": str(tmp_path / "c")}
+    before = _python(code, **env)  # ((1 − 1)·1 + 1 − 1)·1
+    helpers = package / "kernels" / "_loops_channels_last.py"
+    line = "dst[c] = (dx - dbeta_mean[c]) * gain[c]"
+    assert helpers.read_text().count(line) == 1
+    helpers.write_text(helpers.read_text().replace(line, line + " + 7.0"))
+    assert (before, _python(code, **env)) == ("0.0", "7.0")
+
+
 def test_kernels_work_with_no_writable_cache_location(tmp_path):
     """Read-only site-packages and no writable home: compile in-process instead.
 

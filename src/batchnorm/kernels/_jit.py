@@ -7,17 +7,48 @@ when no cache directory is writable), no C-callback wrapper, and ``fastmath``
 limited to reassociation and contraction, for the reductions only. Helpers that
 only compiled code calls get no Python wrapper; :func:`serial_and_parallel`
 compiles one loop twice, without threads and with ``prange``.
+
+Numba's on-disk cache checks only the source file of the function it caches,
+while a loop compiled with helpers from other modules (the launcher with the
+channels-last bodies) carries their code too: edited alone, a helper's module
+would leave the old code in the launcher's cache entry. So every cached loop is
+named after a digest of this package's sources (:data:`SOURCES_DIGEST`), and any
+edit here compiles everything anew.
 """
 
 from __future__ import annotations
 
+import hashlib
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numba
 
 _REASSOC = ("reassoc", "contract")
+
+
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+#: Digest of the kernel modules' sources, part of every cached loop's name.
+SOURCES_DIGEST = _sources_digest()
+
+
+def _renamed(fn: Callable[..., Any], suffix: str) -> Callable[..., Any]:
+    """A copy of ``fn`` whose name (and so its Numba cache entry) ends in ``suffix``."""
+    copy = types.FunctionType(
+        fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__
+    )
+    copy.__qualname__ = fn.__qualname__ + suffix
+    copy.__module__ = fn.__module__
+    copy.__doc__ = fn.__doc__
+    return copy
 
 
 class KernelPair(NamedTuple):
@@ -60,7 +91,7 @@ def _jit(
         "no_cpython_wrapper": not entry,
     }
     try:
-        return numba.njit(fn, cache=True, **options)
+        return numba.njit(_renamed(fn, "_" + SOURCES_DIGEST), cache=True, **options)
     except RuntimeError:
         # No writable cache directory anywhere (numba tries $NUMBA_CACHE_DIR, the
         # package's __pycache__, then ~/.cache/numba): compile in every process.
@@ -73,13 +104,8 @@ def serial_and_parallel(
     def compile_both(fn: Callable[..., Any]) -> KernelPair:
         # Numba's on-disk cache keys a function by its qualified name and line,
         # not by its options, so the serial build must have a name of its own.
-        serial = types.FunctionType(
-            fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__
-        )
-        serial.__qualname__ = fn.__qualname__ + "_serial"
-        serial.__module__ = fn.__module__
         return KernelPair(
-            _jit(serial, parallel=False, fastmath=fastmath),
+            _jit(_renamed(fn, "_serial"), parallel=False, fastmath=fastmath),
             _jit(fn, parallel=True, fastmath=fastmath),
         )
 
