@@ -28,7 +28,7 @@ import pytest
 pytest.importorskip("numba")
 
 import batchnorm as bn  # noqa: E402
-from batchnorm.kernels import _loops, _numba, _numpy  # noqa: E402
+from batchnorm.kernels import _loops, _loops_channels_last, _numba, _numpy  # noqa: E402
 from launcher_spy import spy_on_launcher  # noqa: E402
 
 F = bn.functional
@@ -755,3 +755,30 @@ def test_grad_sums_and_backward_apply(
     slack = gain * (8 * first + 4 * np.abs(dy.astype(np.float64)) + 2 * v)
     bound = np.finfo(dtype).eps * dx_ref64 + U64 * (slack + 2 * dx_ref64)
     assert np.all(np.abs(dx.astype(np.float64) - dx_ref) <= bound)
+
+
+# -- wide channels-last rows: dx two rows at a time -----------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("build", ["serial", "parallel"])
+@pytest.mark.parametrize("rows", [1, 2, 7, 64])
+def test_wide_dx_row_pairs_equal_one_row_at_a_time(rows, build, dtype):
+    """From ``_PAIR_WIDTH`` columns on, ``dx`` sweeps rows in pairs (plus one row
+    left over when a chunk's count is odd); every value is the same float64
+    expression, so it equals, bit for bit, the one-row sweep that the same columns
+    get in two narrower blocks (each under ``_PAIR_WIDTH``)."""
+    width = _loops_channels_last._PAIR_WIDTH + 6
+    rng = np.random.default_rng(rows)
+    x, dy = (rng.normal(3.0, 2.0, (1, rows, width)).astype(dtype) for _ in range(2))
+    vectors = [rng.uniform(-2.0, 2.0, width) for _ in range(4)]
+    op = _loops.DX + _loops.CHANNELS_LAST
+    chunks = 3 if build == "parallel" else 1  # 7 rows: 2, 2 and 3 per chunk
+    out = np.full_like(x, np.nan)
+    getattr(_loops.launch, build)(op, x, dy, out, *vectors, chunks)
+    expected = np.full_like(x, np.nan)
+    for cols in (slice(0, width // 2), slice(width // 2, width)):
+        part = np.empty_like(x[:, :, cols])
+        inputs = [np.ascontiguousarray(a[:, :, cols]) for a in (x, dy)]
+        _loops.launch.serial(op, *inputs, part, *[v[cols].copy() for v in vectors], 1)
+        expected[:, :, cols] = part
+    assert not np.isnan(expected).any()
+    np.testing.assert_array_equal(out, expected)
