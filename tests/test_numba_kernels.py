@@ -654,10 +654,11 @@ def test_kernels_cache_to_numba_cache_dir(tmp_path):
 
 
 def test_an_edit_of_a_helper_module_alone_reaches_the_cached_launcher(tmp_path):
-    """Numba's cache checks only the cached function's own file, and the launcher
-    (``_loops.py``) carries the channels-last bodies of ``_loops_channels_last.py``
-    compiled in: the digest of the package's sources in every cached name makes an
-    edit of that module alone compile the launcher anew, instead of loading it."""
+    """Numba's cache checks only the cached function's own file, and the row
+    dispatch (``_loops.rows``) carries the channels-last bodies of
+    ``_loops_channels_last.py`` compiled in: the digest of the package's sources in
+    every cached name makes an edit of that module alone compile it anew, instead
+    of loading it."""
     package = tmp_path / "site" / "batchnorm"
     shutil.copytree(
         Path(bn.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
@@ -666,7 +667,7 @@ def test_an_edit_of_a_helper_module_alone_reaches_the_cached_launcher(tmp_path):
         "import numpy as np; from batchnorm.kernels import _loops;"
         "x = np.ones((1, 2, 3)); out = np.empty_like(x); v = np.ones(3);"
         "_loops.launch.serial(_loops.DX + _loops.CHANNELS_LAST, x, x, out,"
-        " v, v, v, v, 1);"
+        " v, v, v, v, 1, _loops.rows_address(x.dtype));"
         "print(out[0, 0, 0])"
     )
     env = {"PYTHONPATH": str(package.parent), "NUMBA_CACHE_DIR": str(tmp_path / "c")}
@@ -773,12 +774,34 @@ def test_wide_dx_row_pairs_equal_one_row_at_a_time(rows, build, dtype):
     op = _loops.DX + _loops.CHANNELS_LAST
     chunks = 3 if build == "parallel" else 1  # 7 rows: 2, 2 and 3 per chunk
     out = np.full_like(x, np.nan)
-    getattr(_loops.launch, build)(op, x, dy, out, *vectors, chunks)
+    rows_at = _loops.rows_address(x.dtype)
+    getattr(_loops.launch, build)(op, x, dy, out, *vectors, chunks, rows_at)
     expected = np.full_like(x, np.nan)
     for cols in (slice(0, width // 2), slice(width // 2, width)):
         part = np.empty_like(x[:, :, cols])
         inputs = [np.ascontiguousarray(a[:, :, cols]) for a in (x, dy)]
-        _loops.launch.serial(op, *inputs, part, *[v[cols].copy() for v in vectors], 1)
+        narrow = [v[cols].copy() for v in vectors]
+        _loops.launch.serial(op, *inputs, part, *narrow, 1, rows_at)
         expected[:, :, cols] = part
     assert not np.isnan(expected).any()
     np.testing.assert_array_equal(out, expected)
+
+
+def test_call_by_address_refuses_arguments_of_another_type():
+    """The launchers call ``_loops.rows`` by address (``_indirect.call_rows``): an
+    argument that does not convert to its fixed signature fails to compile, so
+    no call ever passes arrays of another layout."""
+    import numba
+    from numba.core.errors import TypingError
+
+    from batchnorm.kernels import _indirect
+
+    @numba.njit
+    def call(x, v, p):
+        _indirect.call_rows(0, 0, x, x, x, v, v, v, v, v, p, p, 0, 0, 0)
+
+    vector, partials = np.empty(0), np.empty((0, 0))
+    with pytest.raises(TypingError, match="does not convert"):
+        call(np.empty((2, 2), np.float32), vector, partials)  # 2-D, not (A, C, S)
+    with pytest.raises(TypingError, match="does not convert"):
+        call(np.empty((1, 2, 2), np.float32), vector.astype(np.float32), partials)

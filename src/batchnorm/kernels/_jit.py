@@ -9,9 +9,9 @@ only compiled code calls get no Python wrapper; :func:`serial_and_parallel`
 compiles one loop twice, without threads and with ``prange``.
 
 Numba's on-disk cache checks only the source file of the function it caches,
-while a loop compiled with helpers from other modules (the launcher with the
+while a loop compiled with helpers from other modules (``_loops.rows`` with the
 channels-last bodies) carries their code too: edited alone, a helper's module
-would leave the old code in the launcher's cache entry. So every cached loop is
+would leave the old code in that loop's cache entry. So every cached loop is
 named after a digest of this package's sources (:data:`SOURCES_DIGEST`), and any
 edit here compiles everything anew.
 """

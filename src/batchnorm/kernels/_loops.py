@@ -15,15 +15,16 @@ the views and falls back to the reference for everything else):
 
 One entry point, :func:`launch`, runs every operation (``MOMENTS``,
 ``NORMALIZE``, ``GRAD_SUMS``, ``DX``, plus ``CHANNELS_LAST`` for the channels-last
-layout) by calling that operation's row body on each of ``num_chunks`` row
-ranges: one ``prange`` build per dtype instead of one per operation and layout,
-because each parallel build costs about a second of cold compilation, mostly
-fixed (parfor lowering, the gufunc, LLVM passes over the linked bodies).
+layout) on each of ``num_chunks`` row ranges: one ``prange`` build per dtype
+instead of one per operation and layout, because each parallel build costs
+about a second of cold compilation, mostly fixed (parfor lowering, the gufunc).
 ``num_chunks`` is the number of threads to split the work into (never
 ``numba.get_num_threads()`` inside a kernel: that defeats caching). The launcher
 exists twice: ``.parallel`` (``prange``) and ``.serial`` (the same code compiled
-without threads, for tensors too small to pay for a parallel launch). The row
-bodies are helpers without Python wrappers, compiled once and linked into both.
+without threads, for tensors too small to pay for a parallel launch). Each range
+goes to :func:`rows`, the dispatch over the row bodies, compiled once per dtype
+and called by address (:mod:`batchnorm.kernels._indirect`): linked into both
+launchers, the bodies were optimized three times, 2.5 s of the cold compilation.
 The compile options and decorators are in :mod:`batchnorm.kernels._jit`.
 
 Statistics are shifted sums in float64: with ``p`` the first value of the channel,
@@ -36,9 +37,11 @@ the elementwise loops evaluate in exactly the reference's order, in float64.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import prange
 
+from batchnorm.kernels import _indirect
 from batchnorm.kernels._jit import KernelPair as KernelPair  # re-export: _numba, tests
 from batchnorm.kernels._jit import (
     _helper,
@@ -157,14 +160,16 @@ def train_ncs(x, gamma, beta, eps, inside, ddof, out):
     float64 (ones and zeros for None). Returns ``(mean, M2, inv_std)``.
     """
     outer, channels, inner = x.shape
-    rows = outer * channels
+    count = outer * channels
     zero = np.int64(0)  # not the literal 0: that would compile the bodies again
     pivot = np.empty(channels)
     for c in range(channels):
         pivot[c] = x[0, c, 0]
     sums = np.empty((outer, channels))
     squares = np.empty((outer, channels))
-    _moments_rows(x, pivot, zero, rows, sums, squares)
+    # Read-only types, as ``rows`` passes them: the same compiled bodies.
+    x_in, ro = _indirect.readonly(x), _indirect.readonly
+    _moments_rows(x_in, ro(pivot), zero, count, sums, squares)
     mean, m2 = finish_moments(
         pivot, column_sums(sums), column_sums(squares), outer * inner
     )
@@ -173,7 +178,8 @@ def train_ncs(x, gamma, beta, eps, inside, ddof, out):
         inv_std = 1.0 / np.sqrt(var + eps)
     else:
         inv_std = 1.0 / (np.sqrt(var) + eps)
-    _normalize_rows(x, mean, inv_std * gamma, beta, out, zero, rows)
+    scale = inv_std * gamma
+    _normalize_rows(x_in, ro(mean), ro(scale), ro(beta), out, zero, count)
     return mean, m2, inv_std
 
 
@@ -181,8 +187,47 @@ def train_ncs(x, gamma, beta, eps, inside, ddof, out):
 CHANNELS_LAST = 4
 
 
+@_helper
+def rows(op, x, dy, out, v0, v1, v2, v3, pivot, p0, p1, lo, hi, chunk):
+    """Operation ``op`` (see :func:`launch`) on the rows lo:hi of chunk ``chunk``.
+
+    Compiled once per dtype for ``_indirect.rows_signature`` and called by
+    address from both builds of :func:`launch` (see :mod:`._indirect`).
+    """
+    if op == MOMENTS:
+        _moments_rows(x, pivot, lo, hi, p0, p1)
+    elif op == NORMALIZE:
+        _normalize_rows(x, v0, v1, v2, out, lo, hi)
+    elif op == GRAD_SUMS:
+        _grad_sums_rows(dy, x, v0, lo, hi, p0, p1)
+    elif op == DX:
+        _dx_rows(dy, x, v0, v1, v2, v3, out, lo, hi)
+    elif op == NORMALIZE + CHANNELS_LAST:
+        _normalize_mc_rows(x[0], out[0], v0, v1, v2, lo, hi)
+    elif op == DX + CHANNELS_LAST:
+        _dx_mc_rows(dy[0], x[0], out[0], v0, v1, v2, v3, lo, hi)
+    else:
+        moments = op == MOMENTS + CHANNELS_LAST
+        _reduce_mc_rows(moments, dy[0], x[0], v0, lo, hi, p0[chunk], p1[chunk])
+
+
+_addresses: dict[np.dtype, int] = {}
+
+
+def rows_address(dtype: np.dtype) -> int:
+    """Where :func:`rows` for ``dtype`` arrays is, compiled (or loaded) on first use."""
+    address = _addresses.get(dtype)
+    if address is None:
+        signature = _indirect.rows_signature(numba.from_dtype(dtype))
+        rows.compile(signature)
+        compiled = rows.overloads[signature]
+        name = compiled.fndesc.llvm_func_name
+        address = _addresses[dtype] = compiled.library.get_pointer_to_function(name)
+    return address
+
+
 @serial_and_parallel()
-def launch(op, x, dy, out, v0, v1, v2, v3, num_chunks):
+def launch(op, x, dy, out, v0, v1, v2, v3, num_chunks, rows_at):
     """Run operation ``op`` on one layout's views, split into ``num_chunks`` ranges.
 
     Operations ``MOMENTS``, ``NORMALIZE``, ``GRAD_SUMS``, ``DX`` on (A, C, S)
@@ -202,10 +247,11 @@ def launch(op, x, dy, out, v0, v1, v2, v3, num_chunks):
               slope, dbeta_mean, gain   empty arrays
     ========= ========================= ========================================
 
-    Unused arguments take any array of their type. One parallel build serves every
-    operation and layout: each ``prange`` loop costs about a second of cold
-    compilation, most of it fixed, whatever its body. (A, C, S) reductions keep
-    partial sums per row and add them in row order, so they do not depend on
+    Unused arguments take any array of their type. ``rows_at`` is
+    ``rows_address(x.dtype)``: each chunk runs :func:`rows` through it, so that
+    neither build carries the row bodies (see :mod:`._indirect`). One parallel
+    build serves every operation and layout. (A, C, S) reductions keep partial
+    sums per row and add them in row order, so they do not depend on
     ``num_chunks``; channels-last ones keep them per chunk, and the caller adds
     per-column sums per channel when it has folded rows.
     """
@@ -213,11 +259,11 @@ def launch(op, x, dy, out, v0, v1, v2, v3, num_chunks):
     body = op - CHANNELS_LAST if last else op
     reduce = body == MOMENTS or body == GRAD_SUMS
     if last:
-        rows, width = x.shape[1], x.shape[2]
+        num_rows, width = x.shape[1], x.shape[2]
         parts0 = (num_chunks if reduce else 0, width + 1)  # + _stream's sink
         parts1 = (num_chunks if reduce else 0, width)
     else:
-        rows, width = x.shape[0] * x.shape[1], x.shape[1]
+        num_rows, width = x.shape[0] * x.shape[1], x.shape[1]
         parts0 = (x.shape[0] if reduce else 0, width)
         parts1 = parts0
     p0 = np.zeros(parts0)
@@ -226,23 +272,11 @@ def launch(op, x, dy, out, v0, v1, v2, v3, num_chunks):
     for c in range(pivot.size):
         pivot[c] = x[0, c, 0]
     for chunk in prange(num_chunks):
-        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
-        if op == MOMENTS:
-            _moments_rows(x, pivot, lo, hi, p0, p1)
-        elif op == NORMALIZE:
-            _normalize_rows(x, v0, v1, v2, out, lo, hi)
-        elif op == GRAD_SUMS:
-            _grad_sums_rows(dy, x, v0, lo, hi, p0, p1)
-        elif op == DX:
-            _dx_rows(dy, x, v0, v1, v2, v3, out, lo, hi)
-        elif body == NORMALIZE:
-            _normalize_mc_rows(x[0], out[0], v0, v1, v2, lo, hi)
-        elif body == DX:
-            _dx_mc_rows(dy[0], x[0], out[0], v0, v1, v2, v3, lo, hi)
-        else:
-            _reduce_mc_rows(
-                body == MOMENTS, dy[0], x[0], v0, lo, hi, p0[chunk], p1[chunk]
-            )
+        k = np.int64(chunk)  # prange counts in uint64
+        lo, hi = k * num_rows // num_chunks, (k + 1) * num_rows // num_chunks
+        _indirect.call_rows(
+            rows_at, op, x, dy, out, v0, v1, v2, v3, pivot, p0, p1, lo, hi, k
+        )
     if op == MOMENTS:
         count = x.shape[0] * x.shape[2]
         return finish_moments(pivot, column_sums(p0), column_sums(p1), count)

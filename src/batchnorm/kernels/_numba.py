@@ -149,6 +149,7 @@ def _run_ncs(
         *vectors,
         *(_NONE,) * (4 - len(vectors)),
         n,
+        _loops.rows_address(x3.dtype),
     )
 
 
@@ -172,20 +173,22 @@ def _channels_last(
     padded = (*vectors, *(_NONE,) * (4 - len(vectors)))
     op += _loops.CHANNELS_LAST
     k, main = _folds(rows, channels, x.size)
+    rows_at = _loops.rows_address(x.dtype)
     if k == 1:
-        return _pick(_loops.launch, n)(op, x[None], dy[None], out[None], *padded, n)
+        arrays = (x[None], dy[None], out[None])
+        return _pick(_loops.launch, n)(op, *arrays, *padded, n, rows_at)
     folded = [
         a[:main].reshape(1, main // k, k * channels) if a.size else a[None]
         for a in (x, dy, out)
     ]
     tiled = [np.tile(v, k) if v.size else v for v in padded]
-    result = _pick(_loops.launch, n)(op, *folded, *tiled, n)
+    result = _pick(_loops.launch, n)(op, *folded, *tiled, n, rows_at)
     reduce = op - _loops.CHANNELS_LAST in (_loops.MOMENTS, _loops.GRAD_SUMS)
     if reduce:
         result = [r.reshape(k, channels).sum(axis=0) for r in result]
     if main < rows:
         rest = [a[None, main:] if a.size else a[None] for a in (x, dy, out)]
-        extra = _loops.launch.serial(op, *rest, *padded, 1)
+        extra = _loops.launch.serial(op, *rest, *padded, 1, rows_at)
         if reduce:
             result = [r + e for r, e in zip(result, extra, strict=True)]
     return result
