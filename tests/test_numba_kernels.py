@@ -138,15 +138,19 @@ def test_batch_moments(threads, loops, name, shape, axis, transform, dtype):
     assert_sums_close(m2, m2_ref, channel_sums(d * d, axis), count)
 
 
-@pytest.mark.parametrize("with_shift", [True, False], ids=["beta", "no beta"])
+@pytest.mark.parametrize(
+    "shift_dtype", [np.float32, np.float64, None], ids=["beta", "float64 beta", "none"]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(("name", "shape", "axis", "transform"), LAYOUTS)
 def test_normalize_is_bit_identical(
-    threads, loops, name, shape, axis, transform, dtype, with_shift
+    threads, loops, name, shape, axis, transform, dtype, shift_dtype
 ):
+    """Bit for bit, whatever the shift: float32 values (β of float32 parameters)
+    reach the channels-last loop as float32, others (float64 β) as float64."""
     rng, x, _, c, axis = make(shape, axis, transform, dtype)
     mean, scale = rng.normal(3.0, 1.0, c), rng.uniform(0.2, 2.0, c)
-    shift = rng.normal(size=c).astype(np.float32) if with_shift else None
+    shift = None if shift_dtype is None else rng.normal(size=c).astype(shift_dtype)
     y = _numba.normalize(x, axis, mean, scale, shift, x.dtype)
     assert_path(loops, name, [_loops.NORMALIZE], x)
     y_ref = _numpy.normalize(x, axis, mean, scale, shift, x.dtype)

@@ -203,7 +203,7 @@ def rows(op, x, dy, out, v0, v1, v2, v3, pivot, p0, p1, lo, hi, chunk):
     elif op == DX:
         _dx_rows(dy, x, v0, v1, v2, v3, out, lo, hi)
     elif op == NORMALIZE + CHANNELS_LAST:
-        _normalize_mc_rows(x[0], out[0], v0, v1, v2, lo, hi)
+        _normalize_mc_rows(x[0], out[0], v0, v1, v2, v3, lo, hi)
     elif op == DX + CHANNELS_LAST:
         _dx_mc_rows(dy[0], x[0], out[0], v0, v1, v2, v3, lo, hi)
     else:
@@ -240,7 +240,9 @@ def launch(op, x, dy, out, v0, v1, v2, v3, num_chunks, rows_at):
     MOMENTS   x (channels last: v0 =    ``(mean, M2)`` per channel (channels
               the pivot)                last: per-column ``(Σd, Σd²)``)
     NORMALIZE x, out, v0-v2 = mean,     ``out = (x − v0)·v1 + v2``; empty arrays
-              scale, shift
+              scale, shift (channels
+              last: or v2 empty and v3
+              a float32 shift's bytes)
     GRAD_SUMS dy, x, v0 = mean          ``(Σ dy, Σ dy·(x − mean))`` per channel
                                         (channels last: per column)
     DX        dy, x, out, v0-v3 = mean, ``out = ((x − v0)·v1 + dy − v2)·v3``;
