@@ -58,12 +58,11 @@ def loops_for(x: np.ndarray, layout: str) -> dict[str, Callable[[], Any]]:
     none = [np.empty(0)] * 4  # vectors an operation does not use
 
     def ncs(op: int, *arrays: Any) -> Any:
-        return _loops.launch.serial(op, *arrays, 1, _loops.rows_address(x.dtype))
+        return _loops.launch.serial(op, *arrays, 1)
 
     def mc(op: int, *arrays: Any) -> Any:  # channels-last (M, W): as (1, M, W)
         wide = [a[None] if a.ndim == 2 else a for a in arrays]
-        rows_at = _loops.rows_address(x.dtype)
-        return _loops.launch.serial(op + _loops.CHANNELS_LAST, *wide, 1, rows_at)
+        return _loops.launch.serial(op + _loops.CHANNELS_LAST, *wide, 1)
 
     if layout == "nchw":
         x3, dy3, out3 = (a.reshape(a.shape[0], a.shape[1], -1) for a in (x, dy, out))

@@ -671,7 +671,7 @@ def test_an_edit_of_a_helper_module_alone_reaches_the_cached_launcher(tmp_path):
         "import numpy as np; from batchnorm.kernels import _loops;"
         "x = np.ones((1, 2, 3)); out = np.empty_like(x); v = np.ones(3);"
         "_loops.launch.serial(_loops.DX + _loops.CHANNELS_LAST, x, x, out,"
-        " v, v, v, v, 1, _loops.rows_address(x.dtype));"
+        " v, v, v, v, 1);"
         "print(out[0, 0, 0])"
     )
     env = {"PYTHONPATH": str(package.parent), "NUMBA_CACHE_DIR": str(tmp_path / "c")}
@@ -711,7 +711,7 @@ def test_kernels_work_with_no_writable_cache_location(tmp_path):
         " np.allclose(y, ref, rtol=0, atol=1e-6),"
         " np.allclose(dx, dx_ref, rtol=0, atol=1e-6),"
         " type(_loops.train_ncs._cache).__name__,"
-        " type(_loops.launch.serial._cache).__name__)"
+        " type(_loops._launch.serial._cache).__name__)"
     )
     out = _python(
         code,
@@ -778,14 +778,13 @@ def test_wide_dx_row_pairs_equal_one_row_at_a_time(rows, build, dtype):
     op = _loops.DX + _loops.CHANNELS_LAST
     chunks = 3 if build == "parallel" else 1  # 7 rows: 2, 2 and 3 per chunk
     out = np.full_like(x, np.nan)
-    rows_at = _loops.rows_address(x.dtype)
-    getattr(_loops.launch, build)(op, x, dy, out, *vectors, chunks, rows_at)
+    getattr(_loops.launch, build)(op, x, dy, out, *vectors, chunks)
     expected = np.full_like(x, np.nan)
     for cols in (slice(0, width // 2), slice(width // 2, width)):
         part = np.empty_like(x[:, :, cols])
         inputs = [np.ascontiguousarray(a[:, :, cols]) for a in (x, dy)]
         narrow = [v[cols].copy() for v in vectors]
-        _loops.launch.serial(op, *inputs, part, *narrow, 1, rows_at)
+        _loops.launch.serial(op, *inputs, part, *narrow, 1)
         expected[:, :, cols] = part
     assert not np.isnan(expected).any()
     np.testing.assert_array_equal(out, expected)
@@ -809,3 +808,50 @@ def test_call_by_address_refuses_arguments_of_another_type():
         call(np.empty((2, 2), np.float32), vector, partials)  # 2-D, not (A, C, S)
     with pytest.raises(TypingError, match="does not convert"):
         call(np.empty((1, 2, 2), np.float32), vector.astype(np.float32), partials)
+
+
+def test_normalize_gets_the_shift_as_float32_only_when_it_holds_every_bit():
+    """Channels-last ``normalize`` takes the shift as float32 bytes in ``v3`` (``v2``
+    empty) when float32 holds it bit for bit, and as float64 in ``v2`` otherwise:
+    a float64 value, or a NaN whose payload float32 would drop."""
+    op = _loops.NORMALIZE + _loops.CHANNELS_LAST
+    mean, scale = np.zeros(3), np.ones(3)
+    exact = np.array([0.5, -0.0, np.inf])
+    v0, v1, v2, v3 = _numba._launch_vectors(op, (mean, scale, exact), 2)
+    assert v2.size == 0 and v3.dtype == np.float64
+    narrow = v3.view(np.float32)  # 6 values tiled twice, no padding needed
+    np.testing.assert_array_equal(
+        narrow.view(np.uint32), np.tile(exact, 2).astype(np.float32).view(np.uint32)
+    )
+    _, _, v2, v3 = _numba._launch_vectors(op, (mean, scale, exact[:1]), 1)
+    assert v2.size == 0 and v3.view(np.float32).tolist() == [0.5, 0.0]  # padded
+    payload = np.array([1.0, 2.0, 3.0])
+    payload.view(np.uint64)[0] = 0x7FF8000000000001  # a NaN float32 cannot carry
+    for wide in (np.array([0.1, 1.0, 2.0]), payload):
+        _, _, v2, v3 = _numba._launch_vectors(op, (mean, scale, wide), 1)
+        assert v3.size == 0
+        np.testing.assert_array_equal(v2.view(np.uint64), wide.view(np.uint64))
+
+
+def test_kernels_run_as_python_with_numba_jit_disabled():
+    """``NUMBA_DISABLE_JIT=1`` (coverage, debugging): the launchers run as Python
+    and call the row dispatch directly, with the reference's values."""
+    code = """
+import numpy as np
+from batchnorm.kernels import _numba, _numpy
+rng = np.random.default_rng(0)
+ok = []
+for shape, axis in [((3, 2, 4), 1), ((5, 3), 1), ((2, 3, 1030), 2)]:
+    x, dy = rng.normal(size=shape), rng.normal(size=shape)
+    c = x.shape[axis]
+    mean, inv, k = rng.normal(size=c), np.ones(c), np.full(c, -0.5)
+    a, b = _numba.batch_moments(x, axis), _numpy.batch_moments(x, axis)
+    ok.append(np.allclose(a[1], b[1]) and np.allclose(a[2], b[2]))
+    y = _numba.normalize(x, axis, mean, inv, inv, x.dtype)
+    ok.append(np.array_equal(y, _numpy.normalize(x, axis, mean, inv, inv, x.dtype)))
+    d = _numba.backward_train(dy, x, axis, mean, inv, inv, k, 2)[0]
+    e = _numpy.backward_train(dy, x, axis, mean, inv, inv, k, 2)[0]
+    ok.append(np.allclose(d, e, rtol=1e-12, atol=1e-12))
+print(ok)
+"""
+    assert _python(code, NUMBA_DISABLE_JIT="1") == str([True] * 9)

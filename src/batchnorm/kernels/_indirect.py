@@ -12,9 +12,14 @@ calling convention, the way Numba calls first-class functions.
 The address is a plain integer argument of the launchers, so they cache like
 any other loop; :func:`batchnorm.kernels._loops.rows_address` compiles ``rows``
 (or loads it from the cache) and looks the address up once per dtype and
-process. The call converts each argument to the fixed signature's type (a
-writable array to a read-only one is a no-op); an argument that does not convert
-is a typing error at compile time, never a call with the wrong layout.
+process, and ``_loops.launch`` always passes the one for ``x``'s dtype. The
+call converts each argument to the fixed signature's type (a writable array to
+a read-only one is a no-op); an argument that does not convert without loss is
+a typing error at compile time, never a call with the wrong layout. ``rows``
+reports no errors (its bodies neither allocate nor raise), so the call does not
+check its status: a body that could raise would need that check first. Under
+``NUMBA_DISABLE_JIT`` (coverage, debugging) :func:`call_rows` calls ``rows`` as
+Python.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from __future__ import annotations
 from typing import Any
 
 from numba import types
-from numba.core import errors
+from numba.core import config, errors
 from numba.core.imputils import impl_ret_borrowed
+from numba.core.typeconv import Conversion
 from numba.extending import intrinsic
 
 
@@ -50,21 +56,19 @@ def rows_signature(dtype: Any) -> tuple[Any, ...]:
 
 
 @intrinsic
-def call_rows(
+def _call_rows_jit(
     typingctx, address, op, x, dy, out, v0, v1, v2, v3, pivot, p0, p1, lo, hi, chunk
 ):
-    """Call the ``rows`` compiled at ``address`` with these arguments.
-
-    ``rows`` has no error to report (its bodies neither allocate nor raise), so
-    its status is not checked.
-    """
+    """Call the ``rows`` compiled at ``address`` with these arguments (its
+    status unchecked: see the module's docstring)."""
     given = (op, x, dy, out, v0, v1, v2, v3, pivot, p0, p1, lo, hi, chunk)
     target = rows_signature(x.dtype)
     for actual, expected in zip(given, target, strict=True):
-        if typingctx.can_convert(actual, expected) is None:
+        conversion = typingctx.can_convert(actual, expected)
+        if conversion is None or conversion > Conversion.safe:
             raise errors.TypingError(
                 f"call_rows: an argument of type {actual} does not convert to "
-                f"{expected}"
+                f"{expected} without loss"
             )
 
     def codegen(context, builder, signature, args):
@@ -83,7 +87,7 @@ def call_rows(
 
 
 @intrinsic
-def readonly(typingctx, array):
+def _readonly_jit(typingctx, array):
     """``array`` typed read-only (the same data), for helpers shared with ``rows``."""
     if not isinstance(array, types.Array):
         return None
@@ -95,3 +99,25 @@ def readonly(typingctx, array):
         return impl_ret_borrowed(context, builder, result, value)
 
     return result(array), codegen
+
+
+#: Numba's JIT is off (``NUMBA_DISABLE_JIT``): the loops run as Python.
+JIT_DISABLED = bool(config.DISABLE_JIT)  # type: ignore[attr-defined]
+
+#: ``_loops.rows`` itself, which :func:`call_rows` calls when the JIT is off.
+python_rows: Any = None
+
+
+def _call_rows_python(address: int, *args: Any) -> None:
+    python_rows(*args)
+
+
+def _readonly_python(array: Any) -> Any:
+    return array
+
+
+#: ``call_rows(address, op, x, dy, out, v0, v1, v2, v3, pivot, p0, p1, lo, hi,
+#: chunk)``: ``rows`` at ``address`` (see ``_call_rows_jit``).
+call_rows: Any = _call_rows_python if JIT_DISABLED else _call_rows_jit
+#: ``readonly(array)``: ``array`` typed read-only (see ``_readonly_jit``).
+readonly: Any = _readonly_python if JIT_DISABLED else _readonly_jit

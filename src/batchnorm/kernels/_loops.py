@@ -37,6 +37,8 @@ the elementwise loops evaluate in exactly the reference's order, in float64.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 from numba import prange
@@ -215,9 +217,15 @@ _addresses: dict[np.dtype, int] = {}
 
 
 def rows_address(dtype: np.dtype) -> int:
-    """Where :func:`rows` for ``dtype`` arrays is, compiled (or loaded) on first use."""
+    """Where :func:`rows` for ``dtype`` arrays is, compiled (or loaded) on first use.
+
+    0 under ``NUMBA_DISABLE_JIT``, where the launchers run as Python and call
+    :func:`rows` itself (``_indirect.call_rows``).
+    """
     address = _addresses.get(dtype)
     if address is None:
+        if _indirect.JIT_DISABLED:
+            return 0
         signature = _indirect.rows_signature(numba.from_dtype(dtype))
         rows.compile(signature)
         compiled = rows.overloads[signature]
@@ -226,8 +234,11 @@ def rows_address(dtype: np.dtype) -> int:
     return address
 
 
+_indirect.python_rows = rows
+
+
 @serial_and_parallel()
-def launch(op, x, dy, out, v0, v1, v2, v3, num_chunks, rows_at):
+def _launch(op, x, dy, out, v0, v1, v2, v3, num_chunks, rows_at):
     """Run operation ``op`` on one layout's views, split into ``num_chunks`` ranges.
 
     Operations ``MOMENTS``, ``NORMALIZE``, ``GRAD_SUMS``, ``DX`` on (A, C, S)
@@ -249,13 +260,13 @@ def launch(op, x, dy, out, v0, v1, v2, v3, num_chunks, rows_at):
               slope, dbeta_mean, gain   empty arrays
     ========= ========================= ========================================
 
-    Unused arguments take any array of their type. ``rows_at`` is
-    ``rows_address(x.dtype)``: each chunk runs :func:`rows` through it, so that
-    neither build carries the row bodies (see :mod:`._indirect`). One parallel
-    build serves every operation and layout. (A, C, S) reductions keep partial
-    sums per row and add them in row order, so they do not depend on
-    ``num_chunks``; channels-last ones keep them per chunk, and the caller adds
-    per-column sums per channel when it has folded rows.
+    Unused arguments take any array of their type. Each chunk runs :func:`rows`
+    through ``rows_at``, its address for ``x``'s dtype, so that neither build
+    carries the row bodies (see :mod:`._indirect`); :data:`launch` passes it.
+    One parallel build serves every operation and layout. (A, C, S) reductions
+    keep partial sums per row and add them in row order, so they do not depend
+    on ``num_chunks``; channels-last ones keep them per chunk, and the caller
+    adds per-column sums per channel when it has folded rows.
     """
     last = op >= CHANNELS_LAST
     body = op - CHANNELS_LAST if last else op
@@ -287,3 +298,18 @@ def launch(op, x, dy, out, v0, v1, v2, v3, num_chunks, rows_at):
     if reduce:
         return column_sums(p0), column_sums(p1)
     return np.empty(0), np.empty(0)
+
+
+def _with_rows(build: Any) -> Any:
+    def run(op: Any, x: Any, dy: Any, out: Any, *vectors_and_chunks: Any) -> Any:
+        address = rows_address(x.dtype)
+        return build(op, x, dy, out, *vectors_and_chunks, address)
+
+    run.__doc__ = build.__doc__
+    return run
+
+
+#: ``launch.serial(op, x, dy, out, v0, v1, v2, v3, num_chunks)`` and
+#: ``launch.parallel(...)``: the two builds of :func:`_launch`, given the address
+#: of :func:`rows` for ``x``'s dtype, so that no call can pass another dtype's.
+launch = KernelPair(_with_rows(_launch.serial), _with_rows(_launch.parallel))

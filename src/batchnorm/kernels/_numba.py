@@ -149,7 +149,6 @@ def _run_ncs(
         *vectors,
         *(_NONE,) * (4 - len(vectors)),
         n,
-        _loops.rows_address(x3.dtype),
     )
 
 
@@ -158,14 +157,16 @@ def _launch_vectors(op: int, vectors: tuple[np.ndarray, ...], k: int) -> tuple:
 
     Each vector tiled ``k`` times, empty arrays for the unused ones. ``NORMALIZE``'s
     shift goes as float32 (its bytes in ``v3``, ``v2`` empty) when float32 holds
-    every value exactly, as it does β of float32 parameters: the same values, and
-    4 KiB less per 1024 channels in L1 (see ``_normalize_mc_rows``).
+    every value bit for bit (NaN payloads too), as it does β of float32
+    parameters: the same values, and 4 KiB less per 1024 channels in L1 (see
+    ``_normalize_mc_rows``).
     """
     tiled = [np.tile(v, k) if k > 1 and v.size else v for v in vectors]
     if op == _loops.NORMALIZE + _loops.CHANNELS_LAST:
         with np.errstate(over="ignore"):
             narrow = tiled[2].astype(np.float32)
-        if np.array_equal(narrow, tiled[2], equal_nan=True):
+        wide = narrow.astype(np.float64)
+        if np.array_equal(wide.view(np.uint64), tiled[2].view(np.uint64)):
             if narrow.size % 2:
                 narrow = np.append(narrow, np.float32(0.0))
             tiled[2:] = [_NONE, narrow.view(np.float64)]
@@ -191,24 +192,23 @@ def _channels_last(
     out = np.empty((0, 0), x.dtype) if out is None else out
     op += _loops.CHANNELS_LAST
     k, main = _folds(rows, channels, x.size)
-    rows_at = _loops.rows_address(x.dtype)
     if k == 1:
         arrays = (x[None], dy[None], out[None])
         padded = _launch_vectors(op, vectors, 1)
-        return _pick(_loops.launch, n)(op, *arrays, *padded, n, rows_at)
+        return _pick(_loops.launch, n)(op, *arrays, *padded, n)
     folded = [
         a[:main].reshape(1, main // k, k * channels) if a.size else a[None]
         for a in (x, dy, out)
     ]
     tiled = _launch_vectors(op, vectors, k)
-    result = _pick(_loops.launch, n)(op, *folded, *tiled, n, rows_at)
+    result = _pick(_loops.launch, n)(op, *folded, *tiled, n)
     reduce = op - _loops.CHANNELS_LAST in (_loops.MOMENTS, _loops.GRAD_SUMS)
     if reduce:
         result = [r.reshape(k, channels).sum(axis=0) for r in result]
     if main < rows:
         rest = [a[None, main:] if a.size else a[None] for a in (x, dy, out)]
         padded = _launch_vectors(op, vectors, 1)
-        extra = _loops.launch.serial(op, *rest, *padded, 1, rows_at)
+        extra = _loops.launch.serial(op, *rest, *padded, 1)
         if reduce:
             result = [r + e for r, e in zip(result, extra, strict=True)]
     return result
