@@ -767,11 +767,11 @@ def test_grad_sums_and_backward_apply(
 @pytest.mark.parametrize("build", ["serial", "parallel"])
 @pytest.mark.parametrize("rows", [1, 2, 7, 64])
 def test_wide_dx_row_pairs_equal_one_row_at_a_time(rows, build, dtype):
-    """From ``_PAIR_WIDTH`` columns on, ``dx`` sweeps rows in pairs (plus one row
+    """From ``WIDE_ROW`` columns on, ``dx`` sweeps rows in pairs (plus one row
     left over when a chunk's count is odd); every value is the same float64
     expression, so it equals, bit for bit, the one-row sweep that the same columns
-    get in two narrower blocks (each under ``_PAIR_WIDTH``)."""
-    width = _loops_channels_last._PAIR_WIDTH + 6
+    get in two narrower blocks (each under ``WIDE_ROW``)."""
+    width = _loops_channels_last.WIDE_ROW + 6
     rng = np.random.default_rng(rows)
     x, dy = (rng.normal(3.0, 2.0, (1, rows, width)).astype(dtype) for _ in range(2))
     vectors = [rng.uniform(-2.0, 2.0, width) for _ in range(4)]
@@ -811,26 +811,34 @@ def test_call_by_address_refuses_arguments_of_another_type():
 
 
 def test_normalize_gets_the_shift_as_float32_only_when_it_holds_every_bit():
-    """Channels-last ``normalize`` takes the shift as float32 bytes in ``v3`` (``v2``
-    empty) when float32 holds it bit for bit, and as float64 in ``v2`` otherwise:
-    a float64 value, or a NaN whose payload float32 would drop."""
+    """On channels-last rows of ``WIDE_ROW`` values or more, ``normalize`` takes
+    the shift as float32 bytes in ``v3`` (``v2`` empty) when float32 holds it bit
+    for bit, and as float64 in ``v2`` otherwise: a float64 value, or a NaN whose
+    payload float32 would drop. Narrower rows always take float64."""
     op = _loops.NORMALIZE + _loops.CHANNELS_LAST
-    mean, scale = np.zeros(3), np.ones(3)
-    exact = np.array([0.5, -0.0, np.inf])
-    v0, v1, v2, v3 = _numba._launch_vectors(op, (mean, scale, exact), 2)
+    wide = _loops_channels_last.WIDE_ROW
+
+    def pack(shift, k=1):
+        c = shift.size
+        return _numba._launch_vectors(op, (np.zeros(c), np.ones(c), shift), k)
+
+    exact = np.resize([0.5, -0.0, np.inf, -3.25], wide // 2 + 1)  # odd: padded
+    _, _, v2, v3 = pack(exact, k=2)  # folded twice: WIDE_ROW + 2 values
     assert v2.size == 0 and v3.dtype == np.float64
-    narrow = v3.view(np.float32)  # 6 values tiled twice, no padding needed
-    np.testing.assert_array_equal(
-        narrow.view(np.uint32), np.tile(exact, 2).astype(np.float32).view(np.uint32)
-    )
-    _, _, v2, v3 = _numba._launch_vectors(op, (mean, scale, exact[:1]), 1)
-    assert v2.size == 0 and v3.view(np.float32).tolist() == [0.5, 0.0]  # padded
-    payload = np.array([1.0, 2.0, 3.0])
+    narrow = v3.view(np.float32)
+    expected = np.tile(exact, 2).astype(np.float32)
+    assert narrow.size == expected.size  # even: no padding
+    np.testing.assert_array_equal(narrow.view(np.uint32), expected.view(np.uint32))
+    _, _, v2, v3 = pack(np.resize(exact, wide + 1))
+    assert v2.size == 0 and v3.view(np.float32).size == wide + 2  # padded
+    _, _, v2, v3 = pack(exact[: wide // 2])  # under WIDE_ROW: float64
+    assert v3.size == 0
+    payload = np.resize([1.0, 2.0], wide)
     payload.view(np.uint64)[0] = 0x7FF8000000000001  # a NaN float32 cannot carry
-    for wide in (np.array([0.1, 1.0, 2.0]), payload):
-        _, _, v2, v3 = _numba._launch_vectors(op, (mean, scale, wide), 1)
+    for shift in (np.resize([0.1, 1.0], wide), payload):
+        _, _, v2, v3 = pack(shift)
         assert v3.size == 0
-        np.testing.assert_array_equal(v2.view(np.uint64), wide.view(np.uint64))
+        np.testing.assert_array_equal(v2.view(np.uint64), shift.view(np.uint64))
 
 
 def test_kernels_run_as_python_with_numba_jit_disabled():

@@ -116,12 +116,15 @@ def _reduce_mc_rows(moments, dy, x, v0, lo, hi, s, q):
                 _grad_sums_tile(dy, x, v0, r0, r1, c0, c1, s, q)
 
 
-# Rows from this many columns on go through ``_dx_mc_rows`` two at a time: its
-# four float64 vectors alone fill the 32 KiB L1 at 1024 columns, and a pair
-# loads each of their values once for two rows. Measured on rows from L3 and
-# DRAM: 0.73-0.76 x the time at 1024 and 2048 columns; at 256 and 512 columns,
-# where the vectors and rows fit in L1, pairs took 1.0-1.2 x.
-_PAIR_WIDTH = 1024
+#: Rows from this many columns on no longer fit the 32 KiB L1 data cache with
+#: their float64 per-channel vectors. ``_dx_mc_rows`` takes them two at a time:
+#: its four vectors alone fill L1 at 1024 columns, and a pair of rows loads each
+#: of their values once (measured on rows from L3 and DRAM: 0.73-0.76 x the time
+#: at 1024 and 2048 columns; at 256 and 512 columns, where vectors and rows fit
+#: in L1, pairs took 1.0-1.2 x). ``normalize`` gets its shift as float32 when
+#: exact (see ``_normalize_mc_rows``; under this width the check costs more than
+#: it saves).
+WIDE_ROW = 1024
 
 
 @_helper_exact
@@ -153,12 +156,12 @@ def _normalize_mc_rows(x, out, mean, scale, shift, shift32, lo, hi):
 def _dx_mc_rows(dy, x, out, mean, slope, dbeta_mean, gain, lo, hi):
     """``dx = ((x − mean)·slope + dy − dbeta_mean)·gain`` on rows lo:hi.
 
-    From ``_PAIR_WIDTH`` columns on, rows ``lo + i`` and ``lo + pairs + i``
+    From ``WIDE_ROW`` columns on, rows ``lo + i`` and ``lo + pairs + i``
     share a sweep (half the range apart: as fast as adjacent rows at 1024
     columns, and two independent streams); each value is the same expression.
     """
     channels = x.shape[1]
-    pairs = (hi - lo) // 2 if channels >= _PAIR_WIDTH else 0
+    pairs = (hi - lo) // 2 if channels >= WIDE_ROW else 0
     for i in range(pairs):
         a, b = lo + i, lo + pairs + i
         g0, g1, x0, x1, d0, d1 = dy[a], dy[b], x[a], x[b], out[a], out[b]

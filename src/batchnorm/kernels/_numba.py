@@ -35,6 +35,7 @@ import numpy as np
 
 from batchnorm import _pool
 from batchnorm.kernels import _loops, _numpy
+from batchnorm.kernels._loops_channels_last import WIDE_ROW
 from batchnorm.kernels._threads import (
     PARALLEL_MIN_SIZE,
     _chunks,
@@ -156,13 +157,14 @@ def _launch_vectors(op: int, vectors: tuple[np.ndarray, ...], k: int) -> tuple:
     """The launcher's ``v0``-``v3`` for channels-last ``op`` on rows folded ``k`` times.
 
     Each vector tiled ``k`` times, empty arrays for the unused ones. ``NORMALIZE``'s
-    shift goes as float32 (its bytes in ``v3``, ``v2`` empty) when float32 holds
-    every value bit for bit (NaN payloads too), as it does β of float32
-    parameters: the same values, and 4 KiB less per 1024 channels in L1 (see
-    ``_normalize_mc_rows``).
+    shift goes as float32 (its bytes in ``v3``, ``v2`` empty) on rows of
+    ``WIDE_ROW`` values or more when float32 holds every value bit for bit (NaN
+    payloads too), as it does β of float32 parameters: the same values, and
+    4 KiB less per 1024 channels in L1 (see ``_normalize_mc_rows``).
     """
     tiled = [np.tile(v, k) if k > 1 and v.size else v for v in vectors]
-    if op == _loops.NORMALIZE + _loops.CHANNELS_LAST:
+    normalize = op == _loops.NORMALIZE + _loops.CHANNELS_LAST
+    if normalize and tiled[2].size >= WIDE_ROW:
         with np.errstate(over="ignore"):
             narrow = tiled[2].astype(np.float32)
         wide = narrow.astype(np.float64)
