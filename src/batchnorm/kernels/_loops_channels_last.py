@@ -131,8 +131,9 @@ WIDE_ROW = 1024
 def _normalize_mc_rows(x, out, mean, scale, shift, shift32, lo, hi):
     """``out = (x − mean) · scale + shift`` per channel on rows lo:hi.
 
-    ``shift`` empty: the shift is ``shift32.view(float32)``, float32 values that
-    float64 holds exactly (β of float32 parameters), so the values are the same.
+    ``shift`` empty: the shift is ``shift32.view(float32)``, passed that way only
+    when float32 holds every value exactly (β of float32 parameters), so the
+    results are the same.
     At 1024 channels the three float64 vectors are 24 KiB: with a row of ``x``
     and one of ``out`` they fill the 32 KiB L1 and are reloaded on every row; a
     float32 shift (20 KiB) leaves room for the two streams.
