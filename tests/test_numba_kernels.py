@@ -657,7 +657,7 @@ def test_kernels_cache_to_numba_cache_dir(tmp_path):
     assert any(p.suffix == ".nbi" for p in tmp_path.rglob("*"))
 
 
-def test_an_edit_of_a_helper_module_alone_reaches_the_cached_launcher(tmp_path):
+def test_an_edit_of_a_helper_module_alone_reaches_the_cached_row_dispatch(tmp_path):
     """Numba's cache checks only the cached function's own file, and the row
     dispatch (``_loops.rows``) carries the channels-last bodies of
     ``_loops_channels_last.py`` compiled in: the digest of the package's sources in
@@ -711,7 +711,8 @@ def test_kernels_work_with_no_writable_cache_location(tmp_path):
         " np.allclose(y, ref, rtol=0, atol=1e-6),"
         " np.allclose(dx, dx_ref, rtol=0, atol=1e-6),"
         " type(_loops.train_ncs._cache).__name__,"
-        " type(_loops._launch.serial._cache).__name__)"
+        " type(_loops._launch.serial._cache).__name__,"
+        " type(_loops.rows._cache).__name__)"
     )
     out = _python(
         code,
@@ -719,7 +720,7 @@ def test_kernels_work_with_no_writable_cache_location(tmp_path):
         HOME=str(home),
         NUMBA_CACHE_DIR=str(home / ".cache" / "numba"),
     )
-    assert out == "True True True NullCache NullCache"
+    assert out == "True True True NullCache NullCache NullCache"
 
 
 # -- the two halves of the training gradient (synchronized layers) -------------------
