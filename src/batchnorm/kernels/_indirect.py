@@ -104,12 +104,11 @@ def _readonly_jit(typingctx, array):
 #: Numba's JIT is off (``NUMBA_DISABLE_JIT``): the loops run as Python.
 JIT_DISABLED = bool(config.DISABLE_JIT)  # type: ignore[attr-defined]
 
-#: ``_loops.rows`` itself, which :func:`call_rows` calls when the JIT is off.
-python_rows: Any = None
-
 
 def _call_rows_python(address: int, *args: Any) -> None:
-    python_rows(*args)
+    from batchnorm.kernels._loops import rows  # imports this module: not at the top
+
+    rows(*args)
 
 
 def _readonly_python(array: Any) -> Any:

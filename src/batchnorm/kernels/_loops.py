@@ -234,9 +234,6 @@ def rows_address(dtype: np.dtype) -> int:
     return address
 
 
-_indirect.python_rows = rows
-
-
 @serial_and_parallel()
 def _launch(op, x, dy, out, v0, v1, v2, v3, num_chunks, rows_at):
     """Run operation ``op`` on one layout's views, split into ``num_chunks`` ranges.

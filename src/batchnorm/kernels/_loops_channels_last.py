@@ -133,24 +133,25 @@ def _normalize_mc_rows(x, out, mean, scale, shift, shift32, lo, hi):
 
     ``shift`` empty: the shift is ``shift32.view(float32)``, passed that way only
     when float32 holds every value exactly (β of float32 parameters), so the
-    results are the same.
-    At 1024 channels the three float64 vectors are 24 KiB: with a row of ``x``
-    and one of ``out`` they fill the 32 KiB L1 and are reloaded on every row; a
-    float32 shift (20 KiB) leaves room for the two streams.
+    results are the same. At 1024 channels the three float64 vectors are 24 KiB:
+    with a row of ``x`` and one of ``out`` they fill the 32 KiB L1 and are
+    reloaded on every row; a float32 shift (20 KiB) leaves room for the two
+    streams.
     """
-    channels = x.shape[1]
     if shift.size == 0:
-        narrow = shift32.view(np.float32)
-        for r in range(lo, hi):
-            src, dst = x[r], out[r]
-            for c in range(channels):
-                b = np.float64(narrow[c])
-                dst[c] = (np.float64(src[c]) - mean[c]) * scale[c] + b
-        return
+        _affine_rows(x, out, mean, scale, shift32.view(np.float32), lo, hi)
+    else:
+        _affine_rows(x, out, mean, scale, shift, lo, hi)
+
+
+@_helper_exact
+def _affine_rows(x, out, mean, scale, shift, lo, hi):
+    """The loop of ``_normalize_mc_rows``, for a float64 or a float32 ``shift``."""
     for r in range(lo, hi):
         src, dst = x[r], out[r]
-        for c in range(channels):
-            dst[c] = (np.float64(src[c]) - mean[c]) * scale[c] + shift[c]
+        for c in range(x.shape[1]):
+            b = np.float64(shift[c])
+            dst[c] = (np.float64(src[c]) - mean[c]) * scale[c] + b
 
 
 @_helper_exact
