@@ -141,15 +141,20 @@ def test_batch_moments(threads, loops, name, shape, axis, transform, dtype):
 @pytest.mark.parametrize(
     "shift_dtype", [np.float32, np.float64, None], ids=["beta", "float64 beta", "none"]
 )
+@pytest.mark.parametrize(
+    "mean_dtype", [np.float64, np.float32], ids=["batch mean", "running mean"]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(("name", "shape", "axis", "transform"), LAYOUTS)
 def test_normalize_is_bit_identical(
-    threads, loops, name, shape, axis, transform, dtype, shift_dtype
+    threads, loops, name, shape, axis, transform, dtype, mean_dtype, shift_dtype
 ):
-    """Bit for bit, whatever the shift: float32 values (β of float32 parameters)
-    reach the channels-last loop as float32, others (float64 β) as float64."""
+    """Bit for bit, whatever the mean and shift: float32 values (β and the
+    running mean of float32 parameters) reach the wide channels-last loop as
+    float32, others (a batch mean, a float64 β) as float64."""
     rng, x, _, c, axis = make(shape, axis, transform, dtype)
-    mean, scale = rng.normal(3.0, 1.0, c), rng.uniform(0.2, 2.0, c)
+    mean = rng.normal(3.0, 1.0, c).astype(mean_dtype).astype(np.float64)
+    scale = rng.uniform(0.2, 2.0, c)
     shift = None if shift_dtype is None else rng.normal(size=c).astype(shift_dtype)
     y = _numba.normalize(x, axis, mean, scale, shift, x.dtype)
     assert_path(loops, name, [_loops.NORMALIZE], x)
@@ -818,14 +823,15 @@ def test_normalize_gets_the_shift_as_float32_only_when_it_holds_every_bit():
     payload float32 would drop. Narrower rows always take float64."""
     op = _loops.NORMALIZE + _loops.CHANNELS_LAST
     wide = _loops_channels_last.WIDE_ROW
+    inexact_mean = 0.1  # not a float32: the mean stays float64 in v0
 
     def pack(shift, k=1):
-        c = shift.size
-        return _numba._launch_vectors(op, (np.zeros(c), np.ones(c), shift), k)
+        vectors = (np.full(shift.size, inexact_mean), np.ones(shift.size), shift)
+        return _numba._launch_vectors(op, vectors, k)
 
     exact = np.resize([0.5, -0.0, np.inf, -3.25], wide // 2 + 1)  # odd: padded
-    _, _, v2, v3 = pack(exact, k=2)  # folded twice: WIDE_ROW + 2 values
-    assert v2.size == 0 and v3.dtype == np.float64
+    v0, _, v2, v3 = pack(exact, k=2)  # folded twice: WIDE_ROW + 2 values
+    assert v0.size == v2.size + 2 * exact.size and v3.dtype == np.float64
     narrow = v3.view(np.float32)
     expected = np.tile(exact, 2).astype(np.float32)
     assert narrow.size == expected.size  # even: no padding
@@ -840,6 +846,29 @@ def test_normalize_gets_the_shift_as_float32_only_when_it_holds_every_bit():
         _, _, v2, v3 = pack(shift)
         assert v3.size == 0
         np.testing.assert_array_equal(v2.view(np.uint64), shift.view(np.uint64))
+
+
+def test_normalize_gets_a_float32_mean_with_a_float32_shift():
+    """A mean that float32 holds bit for bit (a running mean of float32
+    parameters) goes with a float32 shift into ``v3``, mean first, and ``v0`` is
+    empty; with a float64 shift, or a mean float32 cannot hold (one NaN payload
+    is enough), the mean stays float64 in ``v0``."""
+    op = _loops.NORMALIZE + _loops.CHANNELS_LAST
+    wide = _loops_channels_last.WIDE_ROW + 1  # odd: 2·wide values, no padding
+    mean = np.resize([1e6 + 0.5, -(2.0**-140), 3.0], wide)  # one float32 subnormal
+    shift = np.resize([0.25, -1.0], wide)
+    v0, v1, v2, v3 = _numba._launch_vectors(op, (mean, np.ones(wide), shift), 1)
+    assert v0.size == 0 and v2.size == 0 and v1.size == wide
+    narrow = v3.view(np.float32)
+    assert narrow.size == 2 * wide
+    np.testing.assert_array_equal(narrow[:wide].astype(np.float64), mean)
+    np.testing.assert_array_equal(narrow[wide : 2 * wide].astype(np.float64), shift)
+    v0, _, v2, v3 = _numba._launch_vectors(op, (mean, np.ones(wide), shift + 0.1), 1)
+    assert v0 is mean and v2.size == wide and v3.size == 0  # float64 shift
+    payload = mean.copy()
+    payload.view(np.uint64)[0] = 0x7FF8000000000001
+    v0, _, v2, v3 = _numba._launch_vectors(op, (payload, np.ones(wide), shift), 1)
+    assert v0 is payload and v2.size == 0 and v3.view(np.float32).size == wide + 1
 
 
 def test_kernels_run_as_python_with_numba_jit_disabled():

@@ -128,30 +128,38 @@ WIDE_ROW = 1024
 
 
 @_helper_exact
-def _normalize_mc_rows(x, out, mean, scale, shift, shift32, lo, hi):
+def _normalize_mc_rows(x, out, mean, scale, shift, narrow, lo, hi):
     """``out = (x − mean) · scale + shift`` per channel on rows lo:hi.
 
-    ``shift`` empty: the shift is ``shift32.view(float32)``, passed that way only
-    when float32 holds every value exactly (β of float32 parameters), so the
-    results are the same. At 1024 channels the three float64 vectors are 24 KiB:
+    ``shift`` empty: the shift is float32, ``narrow.view(float32)``, passed that
+    way only when float32 holds every value exactly (β of float32 parameters), so
+    the results are the same; ``mean`` empty as well: the mean is float32 too, the
+    first ``W`` of those values, and the shift the next ``W`` (a running mean of
+    float32 parameters). At 1024 channels the three float64 vectors are 24 KiB:
     with a row of ``x`` and one of ``out`` they fill the 32 KiB L1 and are
-    reloaded on every row; a float32 shift (20 KiB) leaves room for the two
-    streams.
+    reloaded on every row; each float32 vector leaves 4 KiB more to the streams.
     """
-    if shift.size == 0:
-        _affine_rows(x, out, mean, scale, shift32.view(np.float32), lo, hi)
-    else:
+    if shift.size != 0:
         _affine_rows(x, out, mean, scale, shift, lo, hi)
+    elif mean.size != 0:
+        _affine_rows(x, out, mean, scale, narrow.view(np.float32), lo, hi)
+    else:
+        width = x.shape[1]
+        values = narrow.view(np.float32)
+        _affine_rows(x, out, values[:width], scale, values[width:], lo, hi)
 
 
 @_helper_exact
 def _affine_rows(x, out, mean, scale, shift, lo, hi):
-    """The loop of ``_normalize_mc_rows``, for a float64 or a float32 ``shift``."""
+    """The loop of ``_normalize_mc_rows``, for float64 or float32 vectors.
+
+    A float32 value widens to float64 exactly: the same arithmetic either way.
+    """
     for r in range(lo, hi):
         src, dst = x[r], out[r]
         for c in range(x.shape[1]):
-            b = np.float64(shift[c])
-            dst[c] = (np.float64(src[c]) - mean[c]) * scale[c] + b
+            m, b = np.float64(mean[c]), np.float64(shift[c])
+            dst[c] = (np.float64(src[c]) - m) * scale[c] + b
 
 
 @_helper_exact
