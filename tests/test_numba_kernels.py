@@ -796,6 +796,35 @@ def test_wide_dx_row_pairs_equal_one_row_at_a_time(rows, build, dtype):
     np.testing.assert_array_equal(out, expected)
 
 
+@pytest.mark.parametrize("build", ["serial", "parallel"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 64, 203])
+def test_channels_last_reductions_add_every_row_once(rows, build):
+    """The channels-last reductions sweep four rows a quarter of each chunk's
+    range apart, then the rows left over: whatever the count of rows per chunk
+    (0 to 3 left over, fewer rows than four), every row is added exactly once.
+    Integer-valued data keeps every float64 sum exact, so the sums must equal
+    NumPy's bit for bit."""
+    rng = np.random.default_rng(rows)
+    width = 40
+    x = rng.integers(-50, 50, (1, rows, width)).astype(np.float32)
+    dy = rng.integers(-8, 8, (1, rows, width)).astype(np.float32)
+    pivot = x[0, 0].astype(np.float64)
+    mean = np.round(x[0].astype(np.float64).mean(axis=0))
+    none = np.empty(0)
+    chunks = 3 if build == "parallel" else 1
+    launch = getattr(_loops.launch, build)
+    last = _loops.CHANNELS_LAST
+    vectors = (none, none, none, chunks)
+    sums, squares = launch(_loops.MOMENTS + last, x, x, x, pivot, *vectors)
+    d = x[0].astype(np.float64) - pivot
+    np.testing.assert_array_equal(sums, d.sum(axis=0))
+    np.testing.assert_array_equal(squares, (d * d).sum(axis=0))
+    got = launch(_loops.GRAD_SUMS + last, x, dy, x, mean, *vectors)
+    g = dy[0].astype(np.float64)
+    np.testing.assert_array_equal(got[0], g.sum(axis=0))
+    np.testing.assert_array_equal(got[1], (g * (x[0] - mean)).sum(axis=0))
+
+
 def test_call_by_address_refuses_arguments_of_another_type():
     """The launchers call ``_loops.rows`` by address (``_indirect.call_rows``): an
     argument that does not convert to its fixed signature fails to compile, so

@@ -9,9 +9,8 @@ the views and falls back to the reference for everything else):
 - ``(M, W)``, channels last: every row holds one value of each channel (or of
   ``k`` consecutive rows side by side, ``W = k·C``, with the per-channel vectors
   tiled ``k`` times: the caller folds short rows). Work is split into ranges of
-  rows; each range keeps float64 partial sums per column, filled one tile of
-  columns and four rows at a time so that they stay in L1. Its row bodies are in
-  :mod:`batchnorm.kernels._loops_channels_last`.
+  rows; each range keeps float64 partial sums per column, filled four rows at a
+  time. Its row bodies are in :mod:`batchnorm.kernels._loops_channels_last`.
 
 One entry point, :func:`launch`, runs every operation (``MOMENTS``,
 ``NORMALIZE``, ``GRAD_SUMS``, ``DX``, plus ``CHANNELS_LAST`` for the channels-last
@@ -274,8 +273,8 @@ def _launch(op, x, dy, out, v0, v1, v2, v3, num_chunks, rows_at):
     reduce = body == MOMENTS or body == GRAD_SUMS
     if last:
         num_rows, width = x.shape[1], x.shape[2]
-        parts0 = (num_chunks if reduce else 0, width + 1)  # + _stream's sink
-        parts1 = (num_chunks if reduce else 0, width)
+        parts0 = (num_chunks if reduce else 0, width)
+        parts1 = parts0
     else:
         num_rows, width = x.shape[0] * x.shape[1], x.shape[1]
         parts0 = (x.shape[0] if reduce else 0, width)
@@ -294,8 +293,6 @@ def _launch(op, x, dy, out, v0, v1, v2, v3, num_chunks, rows_at):
     if op == MOMENTS:
         count = x.shape[0] * x.shape[2]
         return finish_moments(pivot, column_sums(p0), column_sums(p1), count)
-    if last and reduce:
-        return column_sums(p0)[:width], column_sums(p1)
     if reduce:
         return column_sums(p0), column_sums(p1)
     return np.empty(0), np.empty(0)

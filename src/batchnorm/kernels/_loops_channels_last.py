@@ -3,9 +3,9 @@
 :func:`batchnorm.kernels._loops.launch` runs these on channels-last arrays, ``M``
 rows of ``W`` values (one per channel, or ``k`` rows folded side by side), each
 call on the rows lo:hi of one chunk. The reductions keep float64 partial sums
-per column: each block of rows is first streamed into L2 (``_stream``), then
-added one tile of ``_TILE`` columns and four rows at a time so that the partials
-stay in L1. The elementwise bodies evaluate in exactly the reference's order.
+per column and add four rows a sweep, taken a quarter of the range apart (see
+``_reduce_mc_rows``). The elementwise bodies evaluate in exactly the reference's
+order.
 """
 
 from __future__ import annotations
@@ -14,106 +14,81 @@ import numpy as np
 
 from batchnorm.kernels._jit import _helper, _helper_exact
 
-# Columns per tile in the channels-last reductions: 2 float64 partials per column
-# (16 KiB at 1024) stay in L1 while the rows stream through; narrower tiles read
-# each row in short strided pieces, which measured slower.
-_TILE = 1024
-# Values per array in a block of rows that the channels-last reductions first
-# stream into L2 (256 KiB of float32; see _stream).
-_BLOCK_VALUES = 65536
+
+@_helper
+def _shifted_sums_4(x, pivot, r0, r1, r2, r3, sums, squares):
+    """Add ``Σd``, ``Σd²`` (``d = x − pivot``) of rows r0-r3 to the partials."""
+    x0, x1, x2, x3 = x[r0], x[r1], x[r2], x[r3]
+    for j in range(x.shape[1]):
+        p = pivot[j]
+        d0, d1 = np.float64(x0[j]) - p, np.float64(x1[j]) - p
+        d2, d3 = np.float64(x2[j]) - p, np.float64(x3[j]) - p
+        sums[j] += (d0 + d1) + (d2 + d3)
+        squares[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
 
 
 @_helper
-def _shifted_sums_tile(x, pivot, lo, hi, c0, c1, sums, squares):
-    """Add ``Σd``, ``Σd²`` (``d = x − pivot``) of rows lo:hi, columns c0:c1.
-
-    Four rows per sweep, so the float64 partials are loaded and stored once per
-    four values instead of once per value.
-    """
-    p, s, q = pivot[c0:c1], sums[c0:c1], squares[c0:c1]
-    r = lo
-    while r + 4 <= hi:
-        x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
-        for j in range(c1 - c0):
-            d0, d1 = np.float64(x0[j]) - p[j], np.float64(x1[j]) - p[j]
-            d2, d3 = np.float64(x2[j]) - p[j], np.float64(x3[j]) - p[j]
-            s[j] += (d0 + d1) + (d2 + d3)
-            q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r += 4
-    for rest in range(r, hi):
-        row = x[rest, c0:c1]
-        for j in range(c1 - c0):
-            d = np.float64(row[j]) - p[j]
-            s[j] += d
-            q[j] += d * d
+def _shifted_sums_1(x, pivot, r, sums, squares):
+    """Add ``Σd``, ``Σd²`` of row r to the partials."""
+    row = x[r]
+    for j in range(x.shape[1]):
+        d = np.float64(row[j]) - pivot[j]
+        sums[j] += d
+        squares[j] += d * d
 
 
 @_helper
-def _grad_sums_tile(dy, x, mean, lo, hi, c0, c1, sum_dy, sum_dy_xmu):
-    """Add ``Σdy``, ``Σdy·(x − mean)`` of rows lo:hi, columns c0:c1 (4 rows a sweep)."""
-    m, s, t = mean[c0:c1], sum_dy[c0:c1], sum_dy_xmu[c0:c1]
-    r = lo
-    while r + 4 <= hi:
-        g0, g1, g2, g3 = (
-            dy[r, c0:c1],
-            dy[r + 1, c0:c1],
-            dy[r + 2, c0:c1],
-            dy[r + 3, c0:c1],
-        )
-        x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
-        for j in range(c1 - c0):
-            a0, a1 = np.float64(g0[j]), np.float64(g1[j])
-            a2, a3 = np.float64(g2[j]), np.float64(g3[j])
-            s[j] += (a0 + a1) + (a2 + a3)
-            t[j] += (
-                a0 * (np.float64(x0[j]) - m[j]) + a1 * (np.float64(x1[j]) - m[j])
-            ) + (a2 * (np.float64(x2[j]) - m[j]) + a3 * (np.float64(x3[j]) - m[j]))
-        r += 4
-    for rest in range(r, hi):
-        g, src = dy[rest, c0:c1], x[rest, c0:c1]
-        for j in range(c1 - c0):
-            s[j] += np.float64(g[j])
-            t[j] += np.float64(g[j]) * (np.float64(src[j]) - m[j])
+def _grad_sums_4(dy, x, mean, r0, r1, r2, r3, sum_dy, sum_dy_xmu):
+    """Add ``Σdy``, ``Σdy·(x − mean)`` of rows r0-r3 to the partials."""
+    g0, g1, g2, g3 = dy[r0], dy[r1], dy[r2], dy[r3]
+    x0, x1, x2, x3 = x[r0], x[r1], x[r2], x[r3]
+    for j in range(x.shape[1]):
+        m = mean[j]
+        a0, a1 = np.float64(g0[j]), np.float64(g1[j])
+        a2, a3 = np.float64(g2[j]), np.float64(g3[j])
+        sum_dy[j] += (a0 + a1) + (a2 + a3)
+        sum_dy_xmu[j] += (
+            a0 * (np.float64(x0[j]) - m) + a1 * (np.float64(x1[j]) - m)
+        ) + (a2 * (np.float64(x2[j]) - m) + a3 * (np.float64(x3[j]) - m))
 
 
 @_helper
-def _stream(x, lo, hi):
-    """Read rows lo:hi once, as a plain sum, so that the next loop finds them in L2.
-
-    The partial-sum loops above store to L1 every few values; measured on a 51 MB
-    tensor they then stream DRAM at a third of a plain read's speed, while from L2
-    they run at full speed. Reading each block first restores the streaming.
-    """
-    flat = x[lo:hi].reshape(-1)
-    total = np.float32(0.0)
-    for i in range(flat.size):
-        total += flat[i]
-    return total
+def _grad_sums_1(dy, x, mean, r, sum_dy, sum_dy_xmu):
+    """Add ``Σdy``, ``Σdy·(x − mean)`` of row r to the partials."""
+    g, src = dy[r], x[r]
+    for j in range(x.shape[1]):
+        a = np.float64(g[j])
+        sum_dy[j] += a
+        sum_dy_xmu[j] += a * (np.float64(src[j]) - mean[j])
 
 
 @_helper
 def _reduce_mc_rows(moments, dy, x, v0, lo, hi, s, q):
-    """Per-column sums of rows lo:hi into ``s[:W]`` and ``q``, a block at a time.
+    """Per-column sums of rows lo:hi into ``s`` and ``q``.
 
     ``moments`` true (the launcher's MOMENTS): ``Σd``, ``Σd²`` of ``d = x − v0``;
-    false (GRAD_SUMS): ``Σ dy``, ``Σ dy·(x − v0)``. Each block of rows is first
-    streamed into L2 (``_stream``, whose sum sinks into ``s[W]``), then added one
-    tile of ``_TILE`` columns at a time, so that the float64 partials stay in L1.
+    false (GRAD_SUMS): ``Σ dy``, ``Σ dy·(x − v0)``. Each sweep adds four rows, so
+    the float64 partials are loaded and stored once per four values: rows
+    ``lo + i`` and the rows a quarter, a half and three quarters of the range
+    further, then the up to three rows left over. Four rows side by side read
+    memory as four linear streams; four consecutive rows under a page long
+    share pages, the hardware prefetcher loses track of them, and they streamed
+    DRAM at a third of a plain read's speed (measured; see
+    benchmarks/RESULTS.md).
     """
-    width = x.shape[1]
-    block = max(4, _BLOCK_VALUES // width // 4 * 4)
-    for r0 in range(lo, hi, block):
-        r1 = min(r0 + block, hi)
+    quarter = (hi - lo) // 4
+    for i in range(quarter):
+        r0 = lo + i
+        r1, r2, r3 = r0 + quarter, r0 + 2 * quarter, r0 + 3 * quarter
         if moments:
-            s[width] += _stream(x, r0, r1)
+            _shifted_sums_4(x, v0, r0, r1, r2, r3, s, q)
         else:
-            s[width] += _stream(dy, r0, r1) + _stream(x, r0, r1)
-        for c0 in range(0, width, _TILE):
-            c1 = min(c0 + _TILE, width)
-            if moments:
-                _shifted_sums_tile(x, v0, r0, r1, c0, c1, s, q)
-            else:
-                _grad_sums_tile(dy, x, v0, r0, r1, c0, c1, s, q)
+            _grad_sums_4(dy, x, v0, r0, r1, r2, r3, s, q)
+    for r in range(lo + 4 * quarter, hi):
+        if moments:
+            _shifted_sums_1(x, v0, r, s, q)
+        else:
+            _grad_sums_1(dy, x, v0, r, s, q)
 
 
 #: Rows from this many columns on no longer fit the 32 KiB L1 data cache with
