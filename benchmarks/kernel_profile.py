@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numba
 import numpy as np
 
 from batchnorm.kernels import _floor, _loops
@@ -44,6 +45,19 @@ def vectors(channels: int) -> list[np.ndarray]:
     return [rng.uniform(0.5, 1.5, channels) for _ in range(4)]
 
 
+@numba.njit(fastmath={"reassoc"}, nogil=True)
+def float64_sum(flat: np.ndarray) -> float:
+    """Σ float64(x): a read that converts every value as the float64 loops must.
+
+    Reassociation lets Numba vectorize the sum, so the loop is bound by
+    ``vcvtps2pd`` (or by memory), not by the additions.
+    """
+    total = 0.0
+    for i in range(flat.size):
+        total += np.float64(flat[i])
+    return total
+
+
 def loops_for(x: np.ndarray, layout: str) -> dict[str, Callable[[], Any]]:
     """One serial call per loop on ``x`` (NCHW 4-D, or channels-last 2-D (M, W))."""
     dy = np.ones_like(x)
@@ -54,6 +68,7 @@ def loops_for(x: np.ndarray, layout: str) -> dict[str, Callable[[], Any]]:
         "floor copy": lambda: _floor.copy.serial(flat, out_flat, 1),
         "floor read2": lambda: _floor.read2.serial(flat, dy_flat, 1),
         "floor add": lambda: _floor.add.serial(flat, dy_flat, out_flat, 1),
+        "float64 sum": lambda: float64_sum(flat),
     }
     none = [np.empty(0)] * 4  # vectors an operation does not use
 
@@ -97,6 +112,7 @@ STREAMS = {
     "copy": 2,
     "read2": 2,
     "add": 3,
+    "float64 sum": 1,
     "moments": 1,
     "normalize": 2,
     "grad sums": 2,
