@@ -312,9 +312,10 @@ def forward_train(
     gamma = np.ones(channels) if gamma is None else _vec(gamma)
     beta = np.zeros(channels) if beta is None else _vec(beta)
     y3 = _target(x3, out)
-    mean, m2, inv_std = _loops.train_ncs(
-        x3, gamma, beta, float(eps), eps_placement == "inside", ddof, y3
-    )
+    stats = np.empty((3, channels))
+    inside = eps_placement == "inside"
+    _loops.train_ncs(x3, gamma, beta, float(eps), inside, ddof, y3, stats)
+    mean, m2, inv_std = stats
     return x3.shape[0] * x3.shape[2], mean, m2, inv_std, _result(y3, x.shape, out)
 
 
