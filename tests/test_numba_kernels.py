@@ -271,6 +271,27 @@ def composed_forward_train(x, axis, gamma, beta, eps, eps_placement, ddof):
     return count, mean, m2, inv_std, y
 
 
+@pytest.mark.parametrize("placement", ["inside", "outside"])
+def test_fused_forward_train_with_zero_eps_on_a_constant_channel(placement):
+    """ε = 0 and a channel whose values are all equal (a dead ReLU channel):
+    ``inv_std`` is inf and ``y`` NaN there, as in the composed path and the
+    NumPy backend, not an exception from a scalar division by zero."""
+    x = np.random.default_rng(0).normal(size=(4, 3, 5)).astype(np.float32)
+    x[:, 1] = 2.5
+    fused = _numba.forward_train(x, 1, None, None, 0.0, placement, 0)
+    assert fused is not None
+    want = composed_forward_train(x, 1, None, None, 0.0, placement, 0)
+    for got, expected in zip(fused[1:], want[1:], strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert np.isinf(fused[3][1]) and np.isnan(fused[4][:, 1]).all()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y_ref, cache_ref = F.forward_train(
+            x, None, None, eps=0.0, eps_placement=placement, backend="numpy"
+        )
+    np.testing.assert_array_equal(np.isinf(fused[3]), np.isinf(cache_ref.inv_std))
+    np.testing.assert_array_equal(np.isnan(fused[4]), np.isnan(y_ref))
+
+
 @pytest.mark.parametrize("mean", [0.0, 1e4, 1e6])
 @pytest.mark.parametrize(
     "options", [(1e-6, "inside", 0), (1e-3, "outside", 1), (0.0, "inside", 0)]

@@ -88,6 +88,9 @@ def _jit(
         "parallel": _parallel_options() if parallel else False,
         "fastmath": set(_REASSOC) if fastmath else False,
         "no_cfunc_wrapper": True,
+        # NumPy's rules for scalar arithmetic too: 1/0 is inf, not an exception
+        # (train_ncs divides per channel, and ε = 0 on a constant channel is legal).
+        "error_model": "numpy",
         "no_cpython_wrapper": not entry,
     }
     try:
@@ -110,10 +113,6 @@ def serial_and_parallel(
         )
 
     return compile_both
-
-
-def _serial(fn: Callable[..., Any]) -> Any:
-    return _jit(fn, parallel=False, fastmath=True)
 
 
 def _helper(fn: Callable[..., Any]) -> Any:

@@ -30,8 +30,10 @@ Statistics are shifted sums in float64: with ``p`` the first value of the channe
 ``mean = p + Σd/m`` and ``M2 = Σd² − (Σd)²/m`` for ``d = x − p``. Because ``p`` is
 a sample of the channel, ``|mean − p|`` is a few standard deviations at most and
 the subtraction loses almost nothing, at any mean (never ``E[x²] − E[x]²``).
-Only the reductions use ``fastmath`` (reassociation, so that they vectorize);
-the elementwise loops evaluate in exactly the reference's order, in float64.
+Only the reductions over values use ``fastmath`` (reassociation, so that they
+vectorize); the elementwise loops evaluate in exactly the reference's order, in
+float64, and so do the per-channel sums of partials and ``finish_moments``, so
+that ``train_ncs`` and the launcher agree bit for bit.
 """
 
 from __future__ import annotations
@@ -265,7 +267,10 @@ def _launch(op, x, dy, out, v0, v1, v2, v3, num_chunks, rows_at):
     NORMALIZE x, out, v0-v2 = mean,     ``out = (x − v0)·v1 + v2``; empty arrays
               scale, shift (channels
               last: or v2 empty and v3
-              a float32 shift's bytes)
+              a float32 shift's bytes,
+              or v0 and v2 empty and v3
+              the float32 mean's and
+              then shift's bytes)
     GRAD_SUMS dy, x, v0 = mean          ``(Σ dy, Σ dy·(x − mean))`` per channel
                                         (channels last: per column)
     DX        dy, x, out, v0-v3 = mean, ``out = ((x − v0)·v1 + dy − v2)·v3``;

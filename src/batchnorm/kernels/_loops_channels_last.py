@@ -96,9 +96,9 @@ def _reduce_mc_rows(moments, dy, x, v0, lo, hi, s, q):
 #: its four vectors alone fill L1 at 1024 columns, and a pair of rows loads each
 #: of their values once (measured on rows from L3 and DRAM: 0.73-0.76 x the time
 #: at 1024 and 2048 columns; at 256 and 512 columns, where vectors and rows fit
-#: in L1, pairs took 1.0-1.2 x). ``normalize`` gets its shift as float32 when
-#: exact (see ``_normalize_mc_rows``; under this width the check costs more than
-#: it saves).
+#: in L1, pairs took 1.0-1.2 x). ``normalize`` gets its shift, and then its
+#: mean too, as float32 when exact (see ``_normalize_mc_rows``; under this width
+#: the check costs more than it saves).
 WIDE_ROW = 1024
 
 
