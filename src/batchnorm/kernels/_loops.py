@@ -164,9 +164,9 @@ def train_ncs(x, gamma, beta, eps, inside, ddof, out, stats):
     made one by one, without a dispatch and five NumPy calls on C-value vectors in
     between (half the time of a 32768-value tensor). ``gamma`` and ``beta`` are
     float64 (ones and zeros for None). Writes ``mean``, ``M2`` and ``inv_std``
-    into the rows of the (3, C) float64 ``stats``: per channel, in scalar loops
-    (each array the call handed back to Python cost 0.7 µs, and whole-array
-    expressions a temporary each).
+    into the rows of the (3, C) float64 ``stats``, per channel in one scalar
+    loop: no arrays handed back to Python and no C-sized temporaries (0.4-0.6 µs
+    a call less on (8,16,16,16) than returning three arrays).
     """
     outer, channels, inner = x.shape
     count = outer * channels
