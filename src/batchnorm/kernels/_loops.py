@@ -68,18 +68,25 @@ def column_sums(partials):
     return total
 
 
+@_helper_exact
+def _finish_channel(pivot, total, squares, count):
+    """``(mean, M2)`` of one channel from its shifted sums ``Σd`` and ``Σd²``."""
+    m2 = squares - total * total / count
+    if m2 < 0.0:  # rounding below an exact 0; NaN stays NaN
+        m2 = 0.0
+    return pivot + total / count, m2
+
+
 @_jit_serial_exact
 def finish_moments(pivot, sums, squares, count):
     """``(mean, M2)`` per channel from the shifted sums ``Σd`` and ``Σd²``.
 
-    Evaluated as written (no reassociation), so that ``train_ncs``'s scalar loop
-    gives the same values.
+    Channel by channel with ``_finish_channel``, as ``train_ncs`` does.
     """
-    mean = pivot + sums / count
-    m2 = squares - sums * sums / count
-    for c in range(m2.shape[0]):
-        if m2[c] < 0.0:  # rounding below an exact 0; NaN stays NaN
-            m2[c] = 0.0
+    mean = np.empty(pivot.shape[0])
+    m2 = np.empty(pivot.shape[0])
+    for c in range(pivot.shape[0]):
+        mean[c], m2[c] = _finish_channel(pivot[c], sums[c], squares[c], count)
     return mean, m2
 
 
@@ -187,15 +194,13 @@ def train_ncs(x, gamma, beta, eps, inside, ddof, out, stats):
         for a in range(outer):
             s += sums[a, c]
             q += squares[a, c]
-        m2 = q - s * s / n  # finish_moments, one channel
-        if m2 < 0.0:
-            m2 = 0.0
+        mean, m2 = _finish_channel(pivot[c], s, q, n)
         var = m2 / (n - ddof)
         if inside:
             inv_std = 1.0 / np.sqrt(var + eps)
         else:
             inv_std = 1.0 / (np.sqrt(var) + eps)
-        stats[0, c] = pivot[c] + s / n
+        stats[0, c] = mean
         stats[1, c] = m2
         stats[2, c] = inv_std
         scale[c] = inv_std * gamma[c]
