@@ -28,6 +28,7 @@ import pytest
 pytest.importorskip("numba")
 
 import batchnorm as bn  # noqa: E402
+from batchnorm import _backend  # noqa: E402
 from batchnorm.kernels import _loops, _loops_channels_last, _numba, _numpy  # noqa: E402
 from launcher_spy import spy_on_launcher  # noqa: E402
 
@@ -671,6 +672,39 @@ def _python(code, **env):
 def test_import_batchnorm_does_not_import_numba():
     code = "import sys, batchnorm; print('numba' in sys.modules)"
     assert _python(code) == "False"
+
+
+def test_default_backend_falls_back_to_numpy_without_numba():
+    """Where numba does not import, calls without ``backend=`` run on the NumPy
+    reference (the default is looked up on every call), and ``backend="numba"``
+    says how to install it."""
+    code = (
+        "import sys; sys.modules['numba'] = None\n"  # import numba raises
+        "import numpy as np, batchnorm as bn\n"
+        "from batchnorm import _backend\n"
+        "x = np.arange(12.0).reshape(4, 3)\n"
+        "y, cache = bn.functional.forward_train(x, None, None)\n"
+        "print(_backend.default(), _backend.available(), cache.mean.tolist())\n"
+        "try:\n"
+        "    bn.functional.forward_train(x, None, None, backend='numba')\n"
+        "except ImportError as exc:\n"
+        "    print('ImportError', 'batchnorm[fast]' in str(exc))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "BATCHNORM_BACKEND"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "numpy ('numpy',) [4.5, 5.5, 6.5]",
+        "ImportError True",
+    ]
+
+
+def test_default_backend_is_numba_once_it_has_imported(monkeypatch):
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    assert _backend.default() == "numba"
+    assert _backend.resolve(None) is _numba
 
 
 def test_kernels_cache_to_numba_cache_dir(tmp_path):

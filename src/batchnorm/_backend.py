@@ -35,6 +35,8 @@ def default() -> str:
     env = os.environ.get("BATCHNORM_BACKEND")
     if env:
         return env
+    if _MODULES["numba"] in sys.modules:  # imported once: no import machinery
+        return "numba"  # (available() costs 1.6 µs, every functional call)
     return "numba" if "numba" in available() else "numpy"
 
 
