@@ -851,16 +851,17 @@ def test_wide_dx_row_pairs_equal_one_row_at_a_time(rows, build, dtype):
     np.testing.assert_array_equal(out, expected)
 
 
+@pytest.mark.parametrize("width", [40, _loops_channels_last.WIDE_ROW])
 @pytest.mark.parametrize("build", ["serial", "parallel"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 64, 203])
-def test_channels_last_reductions_add_every_row_once(rows, build):
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 23, 64, 203])
+def test_channels_last_reductions_add_every_row_once(rows, build, width):
     """The channels-last reductions sweep four rows a quarter of each chunk's
-    range apart, then the rows left over: whatever the count of rows per chunk
-    (0 to 3 left over, fewer rows than four), every row is added exactly once.
-    Integer-valued data keeps every float64 sum exact, so the sums must equal
-    NumPy's bit for bit."""
+    range apart (moments on rows of ``WIDE_ROW`` values or more first sweep eight
+    rows an eighth apart), then the rows left over: whatever the count of rows
+    per chunk (0 to 7 left over, fewer rows than a sweep), every row is added
+    exactly once. Integer-valued data keeps every float64 sum exact, so the sums
+    must equal NumPy's bit for bit."""
     rng = np.random.default_rng(rows)
-    width = 40
     x = rng.integers(-50, 50, (1, rows, width)).astype(np.float32)
     dy = rng.integers(-8, 8, (1, rows, width)).astype(np.float32)
     pivot = x[0, 0].astype(np.float64)

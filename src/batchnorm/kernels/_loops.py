@@ -9,8 +9,9 @@ the views and falls back to the reference for everything else):
 - ``(M, W)``, channels last: every row holds one value of each channel (or of
   ``k`` consecutive rows side by side, ``W = k·C``, with the per-channel vectors
   tiled ``k`` times: the caller folds short rows). Work is split into ranges of
-  rows; each range keeps float64 partial sums per column, filled four rows at a
-  time. Its row bodies are in :mod:`batchnorm.kernels._loops_channels_last`.
+  rows; each range keeps float64 partial sums per column, filled four (moments
+  on wide rows: eight) rows at a time. Its row bodies are in
+  :mod:`batchnorm.kernels._loops_channels_last`.
 
 One entry point, :func:`launch`, runs every operation (``MOMENTS``,
 ``NORMALIZE``, ``GRAD_SUMS``, ``DX``, plus ``CHANNELS_LAST`` for the channels-last

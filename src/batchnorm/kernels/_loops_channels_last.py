@@ -3,9 +3,9 @@
 :func:`batchnorm.kernels._loops.launch` runs these on channels-last arrays, ``M``
 rows of ``W`` values (one per channel, or ``k`` rows folded side by side), each
 call on the rows lo:hi of one chunk. The reductions keep float64 partial sums
-per column and add four rows a sweep, taken a quarter of the range apart (see
-``_reduce_mc_rows``). The elementwise bodies evaluate in exactly the reference's
-order.
+per column and add four rows a sweep, taken a quarter of the range apart (eight
+an eighth apart for moments on wide rows; see ``_reduce_mc_rows``). The
+elementwise bodies evaluate in exactly the reference's order.
 """
 
 from __future__ import annotations
@@ -25,6 +25,24 @@ def _shifted_sums_4(x, pivot, r0, r1, r2, r3, sums, squares):
         d2, d3 = np.float64(x2[j]) - p, np.float64(x3[j]) - p
         sums[j] += (d0 + d1) + (d2 + d3)
         squares[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+
+@_helper
+def _shifted_sums_8(x, pivot, r0, step, sums, squares):
+    """Add ``Σd``, ``Σd²`` of rows ``r0 + k·step``, k = 0..7, to the partials."""
+    x0, x1, x2, x3 = x[r0], x[r0 + step], x[r0 + 2 * step], x[r0 + 3 * step]
+    x4, x5 = x[r0 + 4 * step], x[r0 + 5 * step]
+    x6, x7 = x[r0 + 6 * step], x[r0 + 7 * step]
+    for j in range(x.shape[1]):
+        p = pivot[j]
+        d0, d1 = np.float64(x0[j]) - p, np.float64(x1[j]) - p
+        d2, d3 = np.float64(x2[j]) - p, np.float64(x3[j]) - p
+        d4, d5 = np.float64(x4[j]) - p, np.float64(x5[j]) - p
+        d6, d7 = np.float64(x6[j]) - p, np.float64(x7[j]) - p
+        sums[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+        squares[j] += ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + (
+            (d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)
+        )
 
 
 @_helper
@@ -75,16 +93,29 @@ def _reduce_mc_rows(moments, dy, x, v0, lo, hi, s, q):
     share pages, the hardware prefetcher loses track of them, and they streamed
     DRAM at a third of a plain read's speed (measured; see
     benchmarks/RESULTS.md).
+
+    Moments on rows of ``WIDE_ROW`` values or more first sweep eight rows, an
+    eighth of the range apart (the pivot and the partials loaded once per eight
+    values), and the rows left over go through the four-row sweep: 0.75-0.95 x
+    the time of four-row sweeps at 1024-4096 columns, from L3 or DRAM, where
+    rows of 512 columns took 1.2-1.3 x (benchmarks/RESULTS.md). Not for the
+    gradient sums: eight rows of two inputs are sixteen streams.
     """
-    quarter = (hi - lo) // 4
+    done = lo
+    if moments and x.shape[1] >= WIDE_ROW:
+        eighth = (hi - lo) // 8
+        for i in range(eighth):
+            _shifted_sums_8(x, v0, lo + i, eighth, s, q)
+        done = lo + 8 * eighth
+    quarter = (hi - done) // 4
     for i in range(quarter):
-        r0 = lo + i
+        r0 = done + i
         r1, r2, r3 = r0 + quarter, r0 + 2 * quarter, r0 + 3 * quarter
         if moments:
             _shifted_sums_4(x, v0, r0, r1, r2, r3, s, q)
         else:
             _grad_sums_4(dy, x, v0, r0, r1, r2, r3, s, q)
-    for r in range(lo + 4 * quarter, hi):
+    for r in range(done + 4 * quarter, hi):
         if moments:
             _shifted_sums_1(x, v0, r, s, q)
         else:
@@ -98,7 +129,8 @@ def _reduce_mc_rows(moments, dy, x, v0, lo, hi, s, q):
 #: at 1024 and 2048 columns; at 256 and 512 columns, where vectors and rows fit
 #: in L1, pairs took 1.0-1.2 x). ``normalize`` gets its shift, and then its
 #: mean too, as float32 when exact (see ``_normalize_mc_rows``; under this width
-#: the check costs more than it saves).
+#: the check costs more than it saves). Moments sweep eight rows at a time from
+#: this width on (see ``_reduce_mc_rows``).
 WIDE_ROW = 1024
 
 
