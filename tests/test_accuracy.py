@@ -33,13 +33,21 @@ VAR_RTOL = 1e-6
 EPS = 1e-6
 MEANS = [0.0, 1e4, 1e6]
 LAYOUTS = ["NCHW", "NHWC", "NC"]
+#: Plus (256, 1024): rows of 1024 channels, large enough for the parallel loops,
+#: take the Numba backend's wide channels-last loops (eight-row moments sweeps,
+#: float32 shift and mean in ``normalize``), with the three means repeated.
+ALL_LAYOUTS = [*LAYOUTS, "NC wide"]
 C = 3
+WIDE = 1024
 
 
 def make_x(layout: str, means, seed: int = 0) -> tuple[np.ndarray, int]:
     """Float32 data with the given per-channel means and std 1; returns (x, axis)."""
     rng = np.random.default_rng(seed)
     means = np.broadcast_to(np.asarray(means, dtype=np.float64), (C,))
+    if layout == "NC wide":
+        x = np.resize(means, WIDE) + rng.standard_normal((256, WIDE))
+        return x.astype(np.float32), 1
     if layout == "NC":
         x = means + rng.standard_normal((2048, C))
         return x.astype(np.float32), 1
@@ -78,10 +86,10 @@ def y_violations(y: np.ndarray, y_ref: np.ndarray, axis: int) -> int:
     return int(np.count_nonzero(np.abs(y.astype(np.float64) - y_ref) > bound))
 
 
-def params(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def params(seed: int = 1, channels: int = C) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    gamma = rng.uniform(0.5, 2.0, C).astype(np.float32)
-    beta = rng.normal(0.0, 1.0, C).astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    beta = rng.normal(0.0, 1.0, channels).astype(np.float32)
     return gamma, beta
 
 
@@ -92,16 +100,16 @@ MEAN_CASES = [pytest.param(m, id=f"mean{m:g}") for m in MEANS] + [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("means", MEAN_CASES)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
 def test_batch_variance_float32_large_mean(layout, means, backend):
     x, axis = make_x(layout, means)
-    gamma, beta = params()
+    gamma, beta = params(channels=x.shape[axis])
     _, cache = F.forward_train(x, gamma, beta, axis=axis, eps=EPS, backend=backend)
     x64 = x.astype(np.float64)
     axes = reduce_axes(x, axis)
     var_ref = x64.var(axis=axes)
     mean_ref = x64.mean(axis=axes)
-    assert cache.count == x.size // C
+    assert cache.count == x.size // x.shape[axis]
     rel = np.abs(cache.var - var_ref) / var_ref
     assert rel.max() <= VAR_RTOL, rel
     # The mean matters relative to the spread (y depends on x − μ).
@@ -110,10 +118,10 @@ def test_batch_variance_float32_large_mean(layout, means, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("means", MEAN_CASES)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
 def test_forward_train_output_float32_large_mean(layout, means, backend):
     x, axis = make_x(layout, means)
-    gamma, beta = params()
+    gamma, beta = params(channels=x.shape[axis])
     y, _ = F.forward_train(x, gamma, beta, axis=axis, eps=EPS, backend=backend)
     x64 = x.astype(np.float64)
     axes = reduce_axes(x, axis)
@@ -124,11 +132,11 @@ def test_forward_train_output_float32_large_mean(layout, means, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("means", MEAN_CASES)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
 def test_forward_eval_float32_large_mean(layout, means, backend):
     """Running statistics stored in float32 (as the layer does), used as given."""
     x, axis = make_x(layout, means, seed=2)
-    gamma, beta = params()
+    gamma, beta = params(channels=x.shape[axis])
     x64 = x.astype(np.float64)
     axes = reduce_axes(x, axis)
     running_mean = (x64.mean(axis=axes) + 0.25).astype(np.float32)
