@@ -61,12 +61,21 @@ def report(label: str, medians: dict[str, float]) -> None:
     print(f"{label}: {a} {ta:.3f} ms, {b} {tb:.3f} ms, ratio {ta / tb:.2f}")
 
 
-def eval_mean(args: argparse.Namespace) -> None:
+CHANNELS = 1024
+
+
+def wide_batch() -> tuple[np.random.Generator, np.ndarray, np.ndarray, np.ndarray]:
+    """The generator, then (4096, 1024) float32 ``x``, ``gamma`` and ``beta``."""
     rng = np.random.default_rng(0)
-    channels = 1024
-    x = rng.normal(3.0, 2.0, (4096, channels)).astype(np.float32)
-    gamma = rng.uniform(0.5, 1.5, channels).astype(np.float32)
-    beta = rng.normal(0.0, 1.0, channels).astype(np.float32)
+    x = rng.normal(3.0, 2.0, (4096, CHANNELS)).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, CHANNELS).astype(np.float32)
+    beta = rng.normal(0.0, 1.0, CHANNELS).astype(np.float32)
+    return rng, x, gamma, beta
+
+
+def eval_mean(args: argparse.Namespace) -> None:
+    rng, x, gamma, beta = wide_batch()
+    channels = CHANNELS
     running_var = rng.uniform(3.0, 5.0, channels).astype(np.float32)
     running_mean = rng.normal(3.0, 0.1, channels).astype(np.float32)
     means: dict[str, np.ndarray] = {
@@ -115,11 +124,7 @@ def float64_affine(
 
 
 def float64_floor(args: argparse.Namespace) -> None:
-    rng = np.random.default_rng(0)
-    channels = 1024
-    x = rng.normal(3.0, 2.0, (4096, channels)).astype(np.float32)
-    gamma = rng.uniform(0.5, 1.5, channels).astype(np.float32)
-    beta = rng.normal(0.0, 1.0, channels).astype(np.float32)
+    _, x, gamma, beta = wide_batch()
     out = np.empty_like(x)
     flat, flat_out = x.reshape(-1), out.reshape(-1)
     count, mean, m2 = _numba.batch_moments(x, 1)
