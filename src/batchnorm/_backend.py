@@ -11,11 +11,24 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from types import ModuleType
 
 BACKENDS = ("numpy", "numba")
 _MODULES = {"numpy": "batchnorm.kernels._numpy", "numba": "batchnorm.kernels._numba"}
+# Filled once per process: every functional call resolves its backend, and the
+# import machinery (even for a module imported already) costs about a
+# microsecond a module. Only modules whose import has finished go in here, so
+# no thread gets one that another thread is still importing.
+_loaded: dict[str, ModuleType] = {}
+_fastest: list[str] = []  # the default without $BATCHNORM_BACKEND, once known
+
+
+def _load(name: str) -> ModuleType:
+    """The kernel module of backend ``name``; raises ImportError."""
+    module = _loaded.get(name)
+    if module is None:
+        module = _loaded[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def available() -> tuple[str, ...]:
@@ -23,7 +36,7 @@ def available() -> tuple[str, ...]:
     names = []
     for name in BACKENDS:
         try:
-            importlib.import_module(_MODULES[name])
+            _load(name)
         except ImportError:
             continue
         names.append(name)
@@ -35,9 +48,9 @@ def default() -> str:
     env = os.environ.get("BATCHNORM_BACKEND")
     if env:
         return env
-    if _MODULES["numba"] in sys.modules:  # imported once: no import machinery
-        return "numba"  # (available() costs 1.6 µs, every functional call)
-    return "numba" if "numba" in available() else "numpy"
+    if not _fastest:
+        _fastest.append("numba" if "numba" in available() else "numpy")
+    return _fastest[0]
 
 
 def resolve(backend: str | None) -> ModuleType:
@@ -48,11 +61,8 @@ def resolve(backend: str | None) -> ModuleType:
         raise ValueError(
             f"{source} must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}."
         )
-    module = sys.modules.get(_MODULES[name])  # imported already: the common case
-    if module is not None:
-        return module
     try:
-        return importlib.import_module(_MODULES[name])
+        return _load(name)
     except ImportError as exc:
         raise ImportError(
             f"backend {name!r} is not available ({exc}). Install it with "
