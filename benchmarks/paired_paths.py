@@ -13,16 +13,26 @@ are checked against the NumPy reference first.
 ``float64-floor``
     ``forward_train`` on (4096, 1024) float32, channels last, with ``out=``,
     against the benchmark's floor (a float32 read, then a copy) and a float64
-    floor: the same two passes with the arithmetic the accuracy rule asks for,
-    but with one mean, scale and shift for the whole tensor, as an NCHW row gets
-    them (``Σ float64(x)``, then ``y = (float64(x) − m)·k + b``). It separates
-    the cost of the float64 arithmetic from that of the per-channel vectors that
-    a channels-last row needs beside every value.
+    floor: the same two passes with the float64 arithmetic of our loops, but one
+    pivot, mean, scale and shift for the whole tensor, as an NCHW row has them
+    (``Σd`` and ``Σd²`` of ``d = float64(x) − p``, then
+    ``y = (float64(x) − m)·k + b``). Then each pass three ways: that float64
+    loop, our loop launched alone, and our backend call (with its Python). It
+    separates what the float64 arithmetic costs from what a channels-last row's
+    per-channel work (vectors beside every value, partial sums per column) and
+    the calls around the loops cost.
+
+``moments-wide``
+    ``batch_moments`` of wide (N, C) float32 tensors, (4096, 1024) to
+    (16384, 4096), against a plain float64 read of the same tensor (``Σ
+    float64(x)``) as a yardstick for the machine's speed in that moment: run it
+    on two commits to compare their moments loops.
 
 Run::
 
     chrt -f 1 python benchmarks/paired_paths.py eval-mean
     chrt -f 1 python benchmarks/paired_paths.py float64-floor
+    chrt -f 1 python benchmarks/paired_paths.py moments-wide
 """
 
 from __future__ import annotations
@@ -39,7 +49,8 @@ from numba import prange
 
 import batchnorm
 from batchnorm import functional as F
-from batchnorm.kernels import _floor, _numba
+from batchnorm.kernels import _floor, _loops, _numba
+from batchnorm.kernels._jit import serial_and_parallel
 
 
 def paired(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -98,9 +109,9 @@ def eval_mean(args: argparse.Namespace) -> None:
         report(f"forward_eval, threads {threads}", paired(calls, args.repeats))
 
 
-@numba.njit(parallel=True, fastmath={"reassoc", "contract"})
-def float64_read(x: np.ndarray, num_chunks: int) -> float:
-    """``Σ float64(x)`` of a flat array in ``num_chunks`` ranges (the floor's read)."""
+@serial_and_parallel(fastmath=True)
+def float64_sum(x, num_chunks):
+    """``Σ float64(x)`` of a flat array: a read that converts every value."""
     totals = np.zeros(num_chunks)
     for chunk in prange(num_chunks):
         part = x[chunk * x.size // num_chunks : (chunk + 1) * x.size // num_chunks]
@@ -111,16 +122,41 @@ def float64_read(x: np.ndarray, num_chunks: int) -> float:
     return totals.sum()
 
 
-@numba.njit(parallel=True, error_model="numpy")
-def float64_affine(
-    x: np.ndarray, out: np.ndarray, m: float, k: float, b: float, num_chunks: int
-) -> None:
-    """``out = (float64(x) − m)·k + b`` with one m, k, b (the floor's copy)."""
+@serial_and_parallel(fastmath=True)
+def float64_moments(x, pivot, num_chunks):
+    """``(Σd, Σd²)``, ``d = float64(x) − pivot``, with one pivot for the whole array.
+
+    The moments pass's arithmetic (as in ``_shifted_sums_4``), without a pivot
+    and two partial sums per channel.
+    """
+    sums = np.zeros(num_chunks)
+    squares = np.zeros(num_chunks)
+    for chunk in prange(num_chunks):
+        part = x[chunk * x.size // num_chunks : (chunk + 1) * x.size // num_chunks]
+        s = 0.0
+        q = 0.0
+        for i in range(part.size):
+            d = np.float64(part[i]) - pivot
+            s += d
+            q += d * d
+        sums[chunk] = s
+        squares[chunk] = q
+    return sums.sum(), squares.sum()
+
+
+@serial_and_parallel()
+def float64_affine(x, out, m, k, b, num_chunks):
+    """``out = (float64(x) − m)·k + b`` with one m, k, b: the normalize pass's
+    arithmetic, evaluated as the kernels do, without per-channel vectors."""
     for chunk in prange(num_chunks):
         lo, hi = chunk * x.size // num_chunks, (chunk + 1) * x.size // num_chunks
         src, dst = x[lo:hi], out[lo:hi]
         for i in range(src.size):
             dst[i] = (np.float64(src[i]) - m) * k + b
+
+
+def _build(pair: Any, threads: int) -> Any:
+    return pair.serial if threads == 1 else pair.parallel
 
 
 def float64_floor(args: argparse.Namespace) -> None:
@@ -130,29 +166,46 @@ def float64_floor(args: argparse.Namespace) -> None:
     count, mean, m2 = _numba.batch_moments(x, 1)
     scale = gamma / np.sqrt(m2 / count + 1e-6)  # float64, as forward_train's
     shift = beta.astype(np.float64)
-    total = np.sum(flat, dtype=np.float64)
-    assert np.isclose(float64_read(flat, 2), total, rtol=1e-12, atol=0.0)
-    expected = (np.float64(flat[:5]) - 3.0) * 0.5 + 0.25
-    float64_affine(flat, flat_out, 3.0, 0.5, 0.25, 2)
-    np.testing.assert_array_equal(flat_out[:5], expected.astype(np.float32))
+    x64 = flat.astype(np.float64)
+    sums = float64_moments.parallel(flat, 3.0, 2)
+    np.testing.assert_allclose(sums, ((x64 - 3.0).sum(), ((x64 - 3.0) ** 2).sum()))
+    float64_affine.serial(flat, flat_out, 3.0, 0.5, 0.25, 1)
+    expected = ((x64 - 3.0) * 0.5 + 0.25).astype(np.float32)
+    np.testing.assert_array_equal(flat_out, expected)
+    # Our two loops as forward_train launches them, without the Python around.
+    last = _loops.CHANNELS_LAST
+    moments_op, normalize_op = _loops.MOMENTS + last, _loops.NORMALIZE + last
+    pivot = x[0].astype(np.float64)
+    moments_vectors = _numba._launch_vectors(moments_op, (pivot,), 1)
+    normalize_vectors = _numba._launch_vectors(normalize_op, (mean, scale, shift), 1)
+    nothing = np.empty((1, 0, 0), x.dtype)
 
     def floor(n: int) -> None:
-        build = "serial" if n == 1 else "parallel"
-        getattr(_floor.read, build)(flat, n)
-        getattr(_floor.copy, build)(flat, flat_out, n)
+        _build(_floor.read, n)(flat, n)
+        _build(_floor.copy, n)(flat, flat_out, n)
 
-    def float64_pass(n: int) -> None:
-        float64_affine(flat, flat_out, 3.0, 0.5, 0.25, n)
+    def float64_affine_pass(n: int) -> None:
+        _build(float64_affine, n)(flat, flat_out, 3.0, 0.5, 0.25, n)
 
     def float64_passes(n: int) -> None:
-        float64_read(flat, n)
-        float64_pass(n)
+        _build(float64_moments, n)(flat, 3.0, n)
+        float64_affine_pass(n)
 
     def ours() -> None:
         F.forward_train(x, gamma, beta, axis=-1, backend="numba", out=out)
 
     def our_normalize() -> None:
         _numba.normalize(x, 1, mean, scale, shift, x.dtype, out=out)
+
+    def moments_loop(n: int) -> None:
+        _build(_loops.launch, n)(
+            moments_op, x[None], x[None], nothing, *moments_vectors, n
+        )
+
+    def normalize_loop(n: int) -> None:
+        _build(_loops.launch, n)(
+            normalize_op, x[None], x[None], out[None], *normalize_vectors, n
+        )
 
     for threads in (1, 2):
         batchnorm.set_num_threads(threads)
@@ -173,31 +226,63 @@ def float64_floor(args: argparse.Namespace) -> None:
             f"ours ÷ floor {t['ours'] / t['floor']:.2f}, "
             f"ours ÷ float64 floor {t['ours'] / t['float64 floor']:.2f}"
         )
-        # The two passes one by one: each float64 pass against our loop for it.
+        # Each pass: the float64 loop, our loop alone, our backend call.
         t = paired(
             {
-                "float64 read": partial(float64_read, flat, n),
-                "our moments": partial(_numba.batch_moments, x, 1),
-                "float64 affine": partial(float64_pass, n),
-                "our normalize": our_normalize,
+                "float64 moments": partial(_build(float64_moments, n), flat, 3.0, n),
+                "moments loop": partial(moments_loop, n),
+                "moments call": partial(_numba.batch_moments, x, 1),
+                "float64 affine": partial(float64_affine_pass, n),
+                "normalize loop": partial(normalize_loop, n),
+                "normalize call": our_normalize,
             },
             args.repeats,
         )
         print(
             "  passes: "
             + ", ".join(f"{name} {ms:.3f} ms" for name, ms in t.items())
-            + f"; moments ÷ float64 read {t['our moments'] / t['float64 read']:.2f}, "
-            f"normalize ÷ float64 affine "
-            f"{t['our normalize'] / t['float64 affine']:.2f}"
+            + "; loop ÷ float64: moments "
+            f"{t['moments loop'] / t['float64 moments']:.2f}, normalize "
+            f"{t['normalize loop'] / t['float64 affine']:.2f}"
         )
+
+
+SHAPES = ((4096, 1024), (12544, 1024), (2048, 2048), (16384, 4096))
+
+
+def moments_wide(args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(0)
+    for shape in SHAPES:
+        x = rng.normal(3.0, 2.0, shape).astype(np.float32)
+        flat = x.reshape(-1)
+        line = []
+        for threads in (1, 2):
+            batchnorm.set_num_threads(threads)
+            numba.set_num_threads(threads)
+            t = paired(
+                {
+                    "float64 sum": partial(_build(float64_sum, threads), flat, threads),
+                    "moments": partial(_numba.batch_moments, x, 1),
+                },
+                args.repeats,
+            )
+            ratio = t["moments"] / t["float64 sum"]
+            line.append(f"{threads} thread(s) {t['moments']:.3f} ms, ÷ sum {ratio:.2f}")
+        print(f"batch_moments {shape}: " + "; ".join(line))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", choices=["eval-mean", "float64-floor"])
+    parser.add_argument(
+        "experiment", choices=["eval-mean", "float64-floor", "moments-wide"]
+    )
     parser.add_argument("--repeats", type=int, default=100, help="timed calls each")
     args = parser.parse_args()
-    experiments = {"eval-mean": eval_mean, "float64-floor": float64_floor}
+    experiments = {
+        "eval-mean": eval_mean,
+        "float64-floor": float64_floor,
+        "moments-wide": moments_wide,
+    }
     experiments[args.experiment](args)
 
 

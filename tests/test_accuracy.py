@@ -33,9 +33,10 @@ VAR_RTOL = 1e-6
 EPS = 1e-6
 MEANS = [0.0, 1e4, 1e6]
 LAYOUTS = ["NCHW", "NHWC", "NC"]
-#: Plus (256, 1024): rows of 1024 channels, large enough for the parallel loops,
-#: take the Numba backend's wide channels-last loops (eight-row moments sweeps,
-#: float32 shift and mean in ``normalize``), with the three means repeated.
+#: Plus (512, 1024), the three means repeated: rows of 1024 channels take the
+#: Numba backend's wide channels-last loops (float32 shift and mean in
+#: ``normalize``, two-row ``dx``; moments sweep eight rows at a time in each
+#: chunk of 8 rows or more: up to 64 threads), in parallel when it has threads.
 ALL_LAYOUTS = [*LAYOUTS, "NC wide"]
 C = 3
 WIDE = 1024
@@ -46,7 +47,7 @@ def make_x(layout: str, means, seed: int = 0) -> tuple[np.ndarray, int]:
     rng = np.random.default_rng(seed)
     means = np.broadcast_to(np.asarray(means, dtype=np.float64), (C,))
     if layout == "NC wide":
-        x = np.resize(means, WIDE) + rng.standard_normal((256, WIDE))
+        x = np.resize(means, WIDE) + rng.standard_normal((512, WIDE))
         return x.astype(np.float32), 1
     if layout == "NC":
         x = means + rng.standard_normal((2048, C))
