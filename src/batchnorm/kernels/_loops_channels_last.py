@@ -96,10 +96,11 @@ def _reduce_mc_rows(moments, dy, x, v0, lo, hi, s, q):
 
     Moments on rows of ``WIDE_ROW`` values or more first sweep eight rows, an
     eighth of the range apart (the pivot and the partials loaded once per eight
-    values), and the rows left over go through the four-row sweep: 0.75-0.95 x
-    the time of four-row sweeps at 1024-4096 columns, from L3 or DRAM, where
-    rows of 512 columns took 1.2-1.3 x (benchmarks/RESULTS.md). Not for the
-    gradient sums: eight rows of two inputs are sixteen streams.
+    values), and the rows left over go through the four-row sweep: 0.74-0.95 x
+    the time of four-row sweeps at 1 thread over 1024-4096 columns, from L3 or
+    DRAM (0.61-1.04 x at 2 threads), where rows of 512 columns took 1.2-1.3 x
+    (benchmarks/RESULTS.md). Not for the gradient sums: eight rows of two
+    inputs are sixteen streams (1.2-1.8 x).
     """
     done = lo
     if moments and x.shape[1] >= WIDE_ROW:
