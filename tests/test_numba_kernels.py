@@ -676,8 +676,7 @@ def test_import_batchnorm_does_not_import_numba():
 
 def test_default_backend_falls_back_to_numpy_without_numba():
     """Where numba does not import, calls without ``backend=`` run on the NumPy
-    reference (the default is looked up on every call), and ``backend="numba"``
-    says how to install it."""
+    reference, and ``backend="numba"`` says how to install it."""
     code = (
         "import sys; sys.modules['numba'] = None\n"  # import numba raises
         "import numpy as np, batchnorm as bn\n"
