@@ -32,6 +32,7 @@ import numpy as np
 from batchnorm import _backend, _layer_state
 from batchnorm import functional as F
 from batchnorm._validation import check_input
+from batchnorm.kernels._numpy import channel_gain
 from batchnorm.layer import BatchNorm
 from batchnorm.moments import Moments
 
@@ -234,7 +235,7 @@ class SyncBatchNorm(BatchNorm):
             return self._forward_eval(x)
         inv_std = F.inv_std_of(total.var(self.ddof), self.eps, self.eps_placement)
         gamma = self.gamma
-        scale = inv_std if gamma is None else inv_std * gamma.astype(np.float64)
+        scale = channel_gain(inv_std, gamma)
         if x.size:
             kernels = _backend.resolve(self.backend)
             y = kernels.normalize(

@@ -38,6 +38,7 @@ from batchnorm._validation import check_dy as _check_dy
 from batchnorm._validation import check_out as _check_out
 from batchnorm._validation import check_running as _check_running
 from batchnorm._validation import training_count_error as _training_count_error
+from batchnorm.kernels._numpy import channel_gain
 from batchnorm.moments import Moments
 
 __all__ = [
@@ -158,7 +159,7 @@ def forward_train(
         moments = Moments(*kernels.batch_moments(x, axis))
         var = moments.m2 / (count - ddof)  # moments.var(ddof); count >= 2 > ddof
         inv_std = inv_std_of(var, eps, eps_placement)
-        scale = inv_std if gamma is None else inv_std * gamma.astype(np.float64)
+        scale = channel_gain(inv_std, gamma)
         y = kernels.normalize(x, axis, moments.mean, scale, beta, x.dtype, out=out)
     return y, Cache(x, moments, inv_std, gamma, axis, eps, eps_placement, ddof)
 
@@ -275,7 +276,7 @@ def forward_eval(
     eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
     out = _check_out(out, x, ("x", x))
     inv_std = inv_std_of(running_var, eps, eps_placement)
-    scale = inv_std if gamma is None else inv_std * gamma.astype(np.float64)
+    scale = channel_gain(inv_std, gamma)
     mean = running_mean.astype(np.float64)
     if x.size == 0:
         return np.empty(x.shape, dtype=x.dtype) if out is None else out

@@ -344,7 +344,7 @@ def _apply(
 ) -> np.ndarray:
     """``dx`` of the views from the sums, in one pass, shaped ``shape``."""
     inv_std = _vec(inv_std)
-    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
+    gain = _numpy.channel_gain(inv_std, gamma)
     dx3 = _target(x3, out)
     slope = _vec(inv_std * (k * dgamma))
     _run(_loops.DX, n, x3, dy3, dx3, _vec(mean), slope, _vec(dbeta / count), gain)
@@ -429,8 +429,7 @@ def backward_eval(
     if views is None:
         return _numpy.backward_eval(dy, x, axis, mean, inv_std, gamma, out=out)
     dgamma, dbeta = _grad_sums(*views, mean, inv_std, _chunks(x.size))
-    inv_std = _vec(inv_std)
-    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
+    gain = _numpy.channel_gain(_vec(inv_std), gamma)
     zeros = np.zeros(x.shape[axis])
     dx = normalize(dy, axis, zeros, gain, None, x.dtype, out=out)
     return dx, dgamma, dbeta

@@ -60,6 +60,14 @@ def _quiet(func: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+def channel_gain(inv_std: np.ndarray, gamma: np.ndarray | None) -> np.ndarray:
+    """``γ · inv_std`` per channel in float64 (``inv_std`` itself when γ is None).
+
+    The scale of the output (``y = (x − mean)·gain + β``) and of ``dx``.
+    """
+    return inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
+
+
 def _per_channel(vec: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return vec.reshape(channel_shape(ndim, axis, vec.shape[0]))
 
@@ -212,7 +220,7 @@ def _apply_train(
 ) -> np.ndarray:
     """``γ s (dy − Σdy/m + k x̂ Σ(dy x̂))``, overwriting ``x_hat``."""
     ndim = x_hat.ndim
-    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
+    gain = channel_gain(inv_std, gamma)
     dx = x_hat
     dx *= _per_channel(k * dgamma, ndim, axis)
     dx += np.asarray(dy, dtype=np.float64)
@@ -233,6 +241,6 @@ def backward_eval(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact gradient when the statistics are constants (eval mode)."""
     _, dgamma, dbeta = param_grads(dy, x, axis, mean, inv_std)
-    gain = inv_std if gamma is None else inv_std * np.asarray(gamma, np.float64)
+    gain = channel_gain(inv_std, gamma)
     dx = np.asarray(dy, dtype=np.float64) * _per_channel(gain, x.ndim, axis)
     return _finish(dx, x.dtype, out), dgamma, dbeta
