@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numba
 import numpy as np
+from paired_paths import float64_sum  # run as a script: benchmarks/ is on the path
 
 from batchnorm.kernels import _floor, _loops
 
@@ -45,19 +45,6 @@ def vectors(channels: int) -> list[np.ndarray]:
     return [rng.uniform(0.5, 1.5, channels) for _ in range(4)]
 
 
-@numba.njit(fastmath={"reassoc"}, nogil=True)
-def float64_sum(flat: np.ndarray) -> float:
-    """Σ float64(x): a read that converts every value as the float64 loops must.
-
-    Reassociation lets Numba vectorize the sum, so the loop is bound by
-    ``vcvtps2pd`` (or by memory), not by the additions.
-    """
-    total = 0.0
-    for i in range(flat.size):
-        total += np.float64(flat[i])
-    return total
-
-
 def loops_for(x: np.ndarray, layout: str) -> dict[str, Callable[[], Any]]:
     """One serial call per loop on ``x`` (NCHW 4-D, or channels-last 2-D (M, W))."""
     dy = np.ones_like(x)
@@ -68,7 +55,8 @@ def loops_for(x: np.ndarray, layout: str) -> dict[str, Callable[[], Any]]:
         "floor copy": lambda: _floor.copy.serial(flat, out_flat, 1),
         "floor read2": lambda: _floor.read2.serial(flat, dy_flat, 1),
         "floor add": lambda: _floor.add.serial(flat, dy_flat, out_flat, 1),
-        "float64 sum": lambda: float64_sum(flat),
+        # Σ float64(x): a read that converts every value, as the float64 loops must
+        "float64 sum": lambda: float64_sum.serial(flat, 1),
     }
     none = [np.empty(0)] * 4  # vectors an operation does not use
 
