@@ -28,11 +28,20 @@ are checked against the NumPy reference first.
     float64(x)``) as a yardstick for the machine's speed in that moment: run it
     on two commits to compare their moments loops.
 
+``narrow-size``
+    ``forward_eval`` (float32 running mean and β: both vectors float32-exact) and
+    ``forward_train`` (float32 β) with ``out=`` on (N, 1024) float32 channels
+    last, N from 4 to 8192, with ``normalize``'s float32 vectors as the backend
+    picks them (only from ``_numba.NARROW_MIN_BYTES`` on) against always
+    narrowed (``NARROW_MIN_BYTES = 0``, what every size got before). Calls are
+    repeated up to 4096 rows a timing, so small sizes run from the caches.
+
 Run::
 
     chrt -f 1 python benchmarks/paired_paths.py eval-mean
     chrt -f 1 python benchmarks/paired_paths.py float64-floor
     chrt -f 1 python benchmarks/paired_paths.py moments-wide
+    chrt -f 1 python benchmarks/paired_paths.py narrow-size
 """
 
 from __future__ import annotations
@@ -271,10 +280,64 @@ def moments_wide(args: argparse.Namespace) -> None:
         print(f"batch_moments {shape}: " + "; ".join(line))
 
 
+def narrow_size(args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(0)
+    default = _numba.NARROW_MIN_BYTES
+    print(f"NARROW_MIN_BYTES = {default} ({default / 2**20:.0f} MiB)")
+
+    def with_threshold(threshold: int, call: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> None:
+            _numba.NARROW_MIN_BYTES = threshold
+            call()
+
+        return run
+
+    for threads in (1, 2):
+        batchnorm.set_num_threads(threads)
+        for rows in (4, 64, 256, 1024, 2048, 4096, 8192):
+            x = rng.normal(3.0, 2.0, (rows, CHANNELS)).astype(np.float32)
+            out = np.empty_like(x)
+            gamma = rng.uniform(0.5, 1.5, CHANNELS).astype(np.float32)
+            beta = rng.normal(0.0, 1.0, CHANNELS).astype(np.float32)
+            mean = rng.normal(3.0, 0.1, CHANNELS).astype(np.float32)
+            var = rng.uniform(3.0, 5.0, CHANNELS).astype(np.float32)
+            reps = max(1, 4096 // rows)
+            ops = {
+                "forward_eval": partial(
+                    F.forward_eval, x, gamma, beta, mean, var, out=out
+                ),
+                "forward_train": partial(F.forward_train, x, gamma, beta, out=out),
+            }
+            line = []
+            for name, op in ops.items():
+
+                def repeated(op: Callable[[], Any] = op, reps: int = reps) -> None:
+                    for _ in range(reps):
+                        op()
+
+                t = paired(
+                    {
+                        "by size": with_threshold(default, repeated),
+                        "always": with_threshold(0, repeated),
+                    },
+                    args.repeats,
+                )
+                per_call = {k: v / reps for k, v in t.items()}
+                line.append(
+                    f"{name} {per_call['by size']:.4f} / {per_call['always']:.4f} ms "
+                    f"({t['by size'] / t['always']:.2f})"
+                )
+            print(
+                f"({rows}, {CHANNELS}) x{reps}, {threads} thread(s): " + "; ".join(line)
+            )
+    _numba.NARROW_MIN_BYTES = default
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "experiment", choices=["eval-mean", "float64-floor", "moments-wide"]
+        "experiment",
+        choices=["eval-mean", "float64-floor", "moments-wide", "narrow-size"],
     )
     parser.add_argument("--repeats", type=int, default=100, help="timed calls each")
     args = parser.parse_args()
@@ -282,6 +345,7 @@ def main() -> None:
         "eval-mean": eval_mean,
         "float64-floor": float64_floor,
         "moments-wide": moments_wide,
+        "narrow-size": narrow_size,
     }
     experiments[args.experiment](args)
 

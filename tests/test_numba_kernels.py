@@ -926,7 +926,7 @@ def test_normalize_gets_the_shift_as_float32_only_when_it_holds_every_bit():
 
     def pack(shift, k=1):
         vectors = (np.full(shift.size, inexact_mean), np.ones(shift.size), shift)
-        return _numba._launch_vectors(op, vectors, k)
+        return _numba._launch_vectors(op, vectors, k, True)
 
     exact = np.resize([0.5, -0.0, np.inf, -3.25], wide // 2 + 1)  # odd: padded
     v0, _, v2, v3 = pack(exact, k=2)  # folded twice: WIDE_ROW + 2 values
@@ -947,6 +947,79 @@ def test_normalize_gets_the_shift_as_float32_only_when_it_holds_every_bit():
         np.testing.assert_array_equal(v2.view(np.uint64), shift.view(np.uint64))
 
 
+@pytest.mark.parametrize(
+    "shift_dtype", [np.float32, np.float64], ids=["beta", "float64 beta"]
+)
+@pytest.mark.parametrize(
+    "mean_dtype", [np.float64, np.float32], ids=["batch mean", "running mean"]
+)
+@pytest.mark.parametrize("rows", [70, 3])
+def test_narrowed_normalize_is_bit_identical(
+    threads, loops, monkeypatch, rows, mean_dtype, shift_dtype
+):
+    """The float32 vectors that only large tensors get (``NARROW_MIN_BYTES``),
+    forced on small ones: the same values, bit for bit."""
+    monkeypatch.setattr(_numba, "NARROW_MIN_BYTES", 0)
+    packed = []
+    original = _numba._launch_vectors
+    monkeypatch.setattr(
+        _numba, "_launch_vectors", lambda *a: packed.append(original(*a)) or packed[-1]
+    )
+    rng, x, _, c, axis = make((rows, 1030), 1, None, np.float32)
+    mean = rng.normal(3.0, 1.0, c).astype(mean_dtype).astype(np.float64)
+    scale = rng.uniform(0.2, 2.0, c)
+    shift = rng.normal(size=c).astype(shift_dtype)
+    y = _numba.normalize(x, axis, mean, scale, shift, x.dtype)
+    assert [op for _, op in loops] == [_loops.NORMALIZE]
+    narrowed = packed[0][3].size > 0  # v3: float32 values
+    assert narrowed == (shift_dtype == np.float32)
+    np.testing.assert_array_equal(
+        y, _numpy.normalize(x, axis, mean, scale, shift, x.dtype)
+    )
+
+
+def test_normalize_narrows_its_vectors_from_narrow_min_bytes_on(monkeypatch):
+    """``_channels_last`` asks for float32 vectors exactly when ``x`` has
+    ``NARROW_MIN_BYTES`` bytes or more; the default is a quarter of the largest
+    cache sysfs reports."""
+    assert _numba.NARROW_MIN_BYTES == _numba._last_level_cache_bytes() // 4 > 0
+    asked = []
+    original = _numba._launch_vectors
+
+    def spy(op, vectors, k, narrow):
+        asked.append(narrow)
+        return original(op, vectors, k, narrow)
+
+    monkeypatch.setattr(_numba, "_launch_vectors", spy)
+    x = np.ones((3, _loops_channels_last.WIDE_ROW), np.float32)
+    c = x.shape[1]
+    for threshold, expected in [(x.nbytes, True), (x.nbytes + 1, False)]:
+        monkeypatch.setattr(_numba, "NARROW_MIN_BYTES", threshold)
+        _numba.normalize(x, 1, np.zeros(c), np.ones(c), np.zeros(c), x.dtype)
+        assert asked.pop() is expected
+
+
+def test_launch_vectors_stay_float64_unless_narrow():
+    """Without ``narrow`` the float32-exact mean and shift stay float64 in v0, v2."""
+    op = _loops.NORMALIZE + _loops.CHANNELS_LAST
+    wide = _loops_channels_last.WIDE_ROW
+    mean, scale, shift = np.full(wide, 0.5), np.ones(wide), np.full(wide, -2.0)
+    v0, v1, v2, v3 = _numba._launch_vectors(op, (mean, scale, shift), 1, False)
+    assert v0 is mean and v1 is scale and v2 is shift and v3.size == 0
+    v0, _, v2, v3 = _numba._launch_vectors(op, (mean, scale, shift), 1, True)
+    assert v0.size == v2.size == 0 and v3.view(np.float32).size == 2 * wide
+
+
+def test_last_level_cache_bytes_reads_the_largest_size(tmp_path):
+    """Sizes as sysfs writes them (``32K``, ``1024K``, ``32M``); the largest
+    wins; nothing readable gives 32 MiB."""
+    assert _numba._last_level_cache_bytes(tmp_path) == 32 << 20
+    for index, size in enumerate(["32K", "1024K", "junk", "96M"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert _numba._last_level_cache_bytes(tmp_path) == 96 << 20
+
+
 def test_normalize_gets_a_float32_mean_with_a_float32_shift():
     """A mean that float32 holds bit for bit (a running mean of float32
     parameters) goes with a float32 shift into ``v3``, mean first, and ``v0`` is
@@ -956,17 +1029,19 @@ def test_normalize_gets_a_float32_mean_with_a_float32_shift():
     wide = _loops_channels_last.WIDE_ROW + 1  # odd: 2·wide values, no padding
     mean = np.resize([1e6 + 0.5, -(2.0**-140), 3.0], wide)  # one float32 subnormal
     shift = np.resize([0.25, -1.0], wide)
-    v0, v1, v2, v3 = _numba._launch_vectors(op, (mean, np.ones(wide), shift), 1)
+    v0, v1, v2, v3 = _numba._launch_vectors(op, (mean, np.ones(wide), shift), 1, True)
     assert v0.size == 0 and v2.size == 0 and v1.size == wide
     narrow = v3.view(np.float32)
     assert narrow.size == 2 * wide
     np.testing.assert_array_equal(narrow[:wide].astype(np.float64), mean)
     np.testing.assert_array_equal(narrow[wide : 2 * wide].astype(np.float64), shift)
-    v0, _, v2, v3 = _numba._launch_vectors(op, (mean, np.ones(wide), shift + 0.1), 1)
+    v0, _, v2, v3 = _numba._launch_vectors(
+        op, (mean, np.ones(wide), shift + 0.1), 1, True
+    )
     assert v0 is mean and v2.size == wide and v3.size == 0  # float64 shift
     payload = mean.copy()
     payload.view(np.uint64)[0] = 0x7FF8000000000001
-    v0, _, v2, v3 = _numba._launch_vectors(op, (payload, np.ones(wide), shift), 1)
+    v0, _, v2, v3 = _numba._launch_vectors(op, (payload, np.ones(wide), shift), 1, True)
     assert v0 is payload and v2.size == 0 and v3.view(np.float32).size == wide + 1
 
 

@@ -129,9 +129,10 @@ def _reduce_mc_rows(moments, dy, x, v0, lo, hi, s, q):
 #: of their values once (measured on rows from L3 and DRAM: 0.73-0.76 x the time
 #: at 1024 and 2048 columns; at 256 and 512 columns, where vectors and rows fit
 #: in L1, pairs took 1.0-1.2 x). ``normalize`` gets its shift, and then its
-#: mean too, as float32 when exact (see ``_normalize_mc_rows``; under this width
-#: the check costs more than it saves). Moments sweep eight rows at a time from
-#: this width on (see ``_reduce_mc_rows``).
+#: mean too, as float32 when exact and the tensor streams from memory (see
+#: ``_normalize_mc_rows``; under this width the check costs more than it saves).
+#: Moments sweep eight rows at a time from this width on (see
+#: ``_reduce_mc_rows``).
 WIDE_ROW = 1024
 
 
@@ -146,6 +147,9 @@ def _normalize_mc_rows(x, out, mean, scale, shift, narrow, lo, hi):
     float32 parameters). At 1024 channels the three float64 vectors are 24 KiB:
     with a row of ``x`` and one of ``out`` they fill the 32 KiB L1 and are
     reloaded on every row; each float32 vector leaves 4 KiB more to the streams.
+    Only on rows from memory: on rows the caches hold, the loop is bound by its
+    arithmetic, and converting the float32 vectors costs more than it saves, so
+    the caller narrows them only on large tensors (``_numba.NARROW_MIN_BYTES``).
     """
     if shift.size != 0:
         _affine_rows(x, out, mean, scale, shift, lo, hi)

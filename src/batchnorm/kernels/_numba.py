@@ -29,6 +29,7 @@ process instead of failing.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -165,11 +166,37 @@ def _exact_float32(values: np.ndarray) -> np.ndarray | None:
     return narrow if same else None
 
 
-def _launch_vectors(op: int, vectors: tuple[np.ndarray, ...], k: int) -> tuple:
+def _last_level_cache_bytes(
+    caches: Path = Path("/sys/devices/system/cpu/cpu0/cache"),
+) -> int:
+    """The largest CPU cache of this machine (Linux sysfs), else 32 MiB."""
+    sizes = []
+    for path in caches.glob("index*/size"):
+        text = path.read_text().strip() if path.is_file() else ""
+        if text[:-1].isdigit() and text[-1] in "KM":
+            sizes.append(int(text[:-1]) << (10 if text[-1] == "K" else 20))
+    return max(sizes, default=32 << 20)
+
+
+#: Channels-last ``normalize`` narrows its exact float32 vectors (see
+#: ``_launch_vectors``) only on an ``x`` of this many bytes or more: ``x`` and
+#: ``out`` together are then half the last-level cache or more, and stream from
+#: memory. There the smaller vectors leave more of L1 to the rows (0.69-0.88 x
+#: the time at 3072-16384 rows of 1024 values); on data the caches hold, the loop
+#: is bound by its arithmetic, and the conversions of float32 vectors cost more
+#: than they save (1.2-1.5 x at 256-1024 rows), as does the exactness check on a
+#: small batch (13 µs). See benchmarks/RESULTS.md.
+NARROW_MIN_BYTES = _last_level_cache_bytes() // 4
+
+
+def _launch_vectors(
+    op: int, vectors: tuple[np.ndarray, ...], k: int, narrow: bool
+) -> tuple:
     """The launcher's ``v0``-``v3`` for channels-last ``op`` on rows folded ``k`` times.
 
-    Each vector tiled ``k`` times, empty arrays for the unused ones. On rows of
-    ``WIDE_ROW`` values or more, ``NORMALIZE`` takes its shift as float32 when
+    Each vector tiled ``k`` times, empty arrays for the unused ones. With
+    ``narrow`` (a large ``x``: see ``NARROW_MIN_BYTES``), on rows of ``WIDE_ROW``
+    values or more, ``NORMALIZE`` takes its shift as float32 when
     float32 holds every value bit for bit, as it does β of float32 parameters:
     its bytes go in ``v3`` and ``v2`` is empty. When the mean is exact in float32
     too (the running mean of float32 parameters, in eval mode), ``v3`` holds the
@@ -179,14 +206,14 @@ def _launch_vectors(op: int, vectors: tuple[np.ndarray, ...], k: int) -> tuple:
     """
     tiled = [np.tile(v, k) if k > 1 and v.size else v for v in vectors]
     normalize = op == _loops.NORMALIZE + _loops.CHANNELS_LAST
-    if normalize and tiled[2].size >= WIDE_ROW:
+    if narrow and normalize and tiled[2].size >= WIDE_ROW:
         shift = _exact_float32(tiled[2])
         if shift is not None:
             mean = _exact_float32(tiled[0])
-            narrow = shift if mean is None else np.concatenate((mean, shift))
-            if narrow.size % 2:
-                narrow = np.append(narrow, np.float32(0.0))
-            tiled[2:] = [_NONE, narrow.view(np.float64)]
+            values = shift if mean is None else np.concatenate((mean, shift))
+            if values.size % 2:
+                values = np.append(values, np.float32(0.0))
+            tiled[2:] = [_NONE, values.view(np.float64)]
             if mean is not None:
                 tiled[0] = _NONE
     return (*tiled, *(_NONE,) * (4 - len(tiled)))
@@ -210,23 +237,24 @@ def _channels_last(
     dy = x if dy is None else dy
     out = np.empty((0, 0), x.dtype) if out is None else out
     op += _loops.CHANNELS_LAST
+    narrow = x.nbytes >= NARROW_MIN_BYTES
     k, main = _folds(rows, channels, x.size)
     if k == 1:
         arrays = (x[None], dy[None], out[None])
-        padded = _launch_vectors(op, vectors, 1)
+        padded = _launch_vectors(op, vectors, 1, narrow)
         return _pick(_loops.launch, n)(op, *arrays, *padded, n)
     folded = [
         a[:main].reshape(1, main // k, k * channels) if a.size else a[None]
         for a in (x, dy, out)
     ]
-    tiled = _launch_vectors(op, vectors, k)
+    tiled = _launch_vectors(op, vectors, k, narrow)
     result = _pick(_loops.launch, n)(op, *folded, *tiled, n)
     reduce = op - _loops.CHANNELS_LAST in (_loops.MOMENTS, _loops.GRAD_SUMS)
     if reduce:
         result = [r.reshape(k, channels).sum(axis=0) for r in result]
     if main < rows:
         rest = [a[None, main:] if a.size else a[None] for a in (x, dy, out)]
-        padded = _launch_vectors(op, vectors, 1)
+        padded = _launch_vectors(op, vectors, 1, narrow)
         extra = _loops.launch.serial(op, *rest, *padded, 1)
         if reduce:
             result = [r + e for r, e in zip(result, extra, strict=True)]
