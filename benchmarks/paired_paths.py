@@ -36,12 +36,20 @@ are checked against the NumPy reference first.
     narrowed (``NARROW_MIN_BYTES = 0``, what every size got before). Calls are
     repeated up to 4096 rows a timing, so small sizes run from the caches.
 
+``normalize-in-cache``
+    Our channels-last ``normalize`` row body on 4M values (the (4096, 1024)
+    case) streamed from memory, against the same body passing 64 times over 64
+    rows that L2 holds, in one launch: there the time is the loop's own work.
+    Beside it the float64 affine with one m, k, b, and the floor's copy, both
+    ways. With eval's vectors (float32 mean and shift) and train's (float64 mean).
+
 Run::
 
     chrt -f 1 python benchmarks/paired_paths.py eval-mean
     chrt -f 1 python benchmarks/paired_paths.py float64-floor
     chrt -f 1 python benchmarks/paired_paths.py moments-wide
     chrt -f 1 python benchmarks/paired_paths.py narrow-size
+    chrt -f 1 python benchmarks/paired_paths.py normalize-in-cache
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ import batchnorm
 from batchnorm import functional as F
 from batchnorm.kernels import _floor, _loops, _numba
 from batchnorm.kernels._jit import serial_and_parallel
+from batchnorm.kernels._loops_channels_last import _affine_rows
 
 
 def paired(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -185,8 +194,11 @@ def float64_floor(args: argparse.Namespace) -> None:
     last = _loops.CHANNELS_LAST
     moments_op, normalize_op = _loops.MOMENTS + last, _loops.NORMALIZE + last
     pivot = x[0].astype(np.float64)
-    moments_vectors = _numba._launch_vectors(moments_op, (pivot,), 1)
-    normalize_vectors = _numba._launch_vectors(normalize_op, (mean, scale, shift), 1)
+    narrow = x.nbytes >= _numba.NARROW_MIN_BYTES  # as the backend decides
+    moments_vectors = _numba._launch_vectors(moments_op, (pivot,), 1, narrow)
+    normalize_vectors = _numba._launch_vectors(
+        normalize_op, (mean, scale, shift), 1, narrow
+    )
     nothing = np.empty((1, 0, 0), x.dtype)
 
     def floor(n: int) -> None:
@@ -254,6 +266,100 @@ def float64_floor(args: argparse.Namespace) -> None:
             f"{t['moments loop'] / t['float64 moments']:.2f}, normalize "
             f"{t['normalize loop'] / t['float64 affine']:.2f}"
         )
+
+
+@serial_and_parallel()
+def normalize_rows_again(x, out, mean, scale, shift, repeats, num_chunks):
+    """Our channels-last normalize row body (``_affine_rows``) over the rows of
+    ``x``, ``repeats`` times in one launch: no launch between the passes."""
+    rows = x.shape[0]
+    for chunk in prange(num_chunks):
+        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
+        for _ in range(repeats):
+            _affine_rows(x, out, mean, scale, shift, lo, hi)
+
+
+@serial_and_parallel()
+def float64_affine_again(x, out, m, k, b, repeats, num_chunks):
+    """``float64_affine`` (one m, k, b) ``repeats`` times in one launch."""
+    for chunk in prange(num_chunks):
+        lo, hi = chunk * x.size // num_chunks, (chunk + 1) * x.size // num_chunks
+        src, dst = x[lo:hi], out[lo:hi]
+        for _ in range(repeats):
+            for i in range(src.size):
+                dst[i] = (np.float64(src[i]) - m) * k + b
+
+
+@serial_and_parallel()
+def copy_again(x, out, repeats, num_chunks):
+    """The floor's copy ``repeats`` times in one launch."""
+    for chunk in prange(num_chunks):
+        lo, hi = chunk * x.size // num_chunks, (chunk + 1) * x.size // num_chunks
+        src, dst = x[lo:hi], out[lo:hi]
+        for _ in range(repeats):
+            for i in range(src.size):
+                dst[i] = src[i]
+
+
+def normalize_in_cache(args: argparse.Namespace) -> None:
+    """Our normalize loop where memory cannot be what limits it.
+
+    The same 4M values (4096 rows of 1024) either streamed once from memory or
+    as the first 64 rows (256 KiB, with ``out`` half of L2) passed over 64 times
+    in one launch. From L2 the time is the loop's own work: the float64
+    arithmetic with its per-channel vectors, as forward_eval (float32 mean and
+    shift) and forward_train (float64 mean, float32 shift) give them.
+    """
+    rng, x, gamma, beta = wide_batch()
+    out = np.empty_like(x)
+    rows, repeats = 64, x.shape[0] // 64
+    small, small_out = (
+        np.ascontiguousarray(x[:rows]),
+        np.empty((rows, CHANNELS), x.dtype),
+    )
+    scale = rng.uniform(0.5, 1.5, CHANNELS)
+    batch_mean = x.mean(axis=0, dtype=np.float64)
+    vectors = {
+        "eval vectors": (batch_mean.astype(np.float32), scale, beta),
+        "train vectors": (batch_mean, scale, beta),
+    }
+    for name, (m, k, b) in vectors.items():
+        normalize_rows_again.serial(x, out, m, k, b, 1, 1)
+        want = ((x.astype(np.float64) - m) * k + b).astype(np.float32)
+        np.testing.assert_array_equal(out, want, err_msg=name)
+    flat, flat_out = x.reshape(-1), out.reshape(-1)
+    small_flat, small_flat_out = small.reshape(-1), small_out.reshape(-1)
+    for threads in (1, 2):
+        numba.set_num_threads(threads)
+        n = threads
+        calls = {}
+        for where, (a, o, r) in {
+            "memory": (x, out, 1),
+            "L2": (small, small_out, repeats),
+        }.items():
+            for name, (m, k, b) in vectors.items():
+                calls[f"ours, {name}, {where}"] = partial(
+                    _build(normalize_rows_again, n), a, o, m, k, b, r, n
+                )
+            calls[f"float64 affine, {where}"] = partial(
+                _build(float64_affine_again, n),
+                a.reshape(-1),
+                o.reshape(-1),
+                3.0,
+                0.5,
+                0.25,
+                r,
+                n,
+            )
+        calls["copy, memory"] = partial(_build(copy_again, n), flat, flat_out, 1, n)
+        calls["copy, L2"] = partial(
+            _build(copy_again, n), small_flat, small_flat_out, repeats, n
+        )
+        t = paired(calls, args.repeats)
+        print(f"4M values, {threads} thread(s), ms:")
+        base = t["copy, memory"]
+        for name, ms in t.items():
+            print(f"  {name:32s} {ms:.3f}  (÷ copy from memory {ms / base:.2f})")
 
 
 SHAPES = ((4096, 1024), (12544, 1024), (2048, 2048), (16384, 4096))
@@ -337,7 +443,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "experiment",
-        choices=["eval-mean", "float64-floor", "moments-wide", "narrow-size"],
+        choices=[
+            "eval-mean",
+            "float64-floor",
+            "moments-wide",
+            "narrow-size",
+            "normalize-in-cache",
+        ],
     )
     parser.add_argument("--repeats", type=int, default=100, help="timed calls each")
     args = parser.parse_args()
@@ -346,6 +458,7 @@ def main() -> None:
         "float64-floor": float64_floor,
         "moments-wide": moments_wide,
         "narrow-size": narrow_size,
+        "normalize-in-cache": normalize_in_cache,
     }
     experiments[args.experiment](args)
 
