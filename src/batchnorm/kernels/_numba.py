@@ -181,11 +181,11 @@ def _last_level_cache_bytes(
 #: Channels-last ``normalize`` narrows its exact float32 vectors (see
 #: ``_launch_vectors``) only on an ``x`` of this many bytes or more: ``x`` and
 #: ``out`` together are then half the last-level cache or more, and stream from
-#: memory. There the smaller vectors leave more of L1 to the rows (0.69-0.88 x
-#: the time at 3072-16384 rows of 1024 values); on data the caches hold, the loop
-#: is bound by its arithmetic, and the conversions of float32 vectors cost more
-#: than they save (1.2-1.5 x at 256-1024 rows), as does the exactness check on a
-#: small batch (13 µs). See benchmarks/RESULTS.md.
+#: memory. There the smaller vectors leave more of L1 to the rows (0.69-0.79 x
+#: the time at 1 thread, 0.82-1.02 x at 2, at 4096-16384 rows of 1024 values); on
+#: data the caches hold, the loop is bound by its arithmetic, and the conversions
+#: of float32 vectors cost more than they save (1.06-1.52 x at 256-1024 rows), as
+#: does the exactness check on a small batch (13 µs). See benchmarks/RESULTS.md.
 NARROW_MIN_BYTES = _last_level_cache_bytes() // 4
 
 
