@@ -43,6 +43,11 @@ are checked against the NumPy reference first.
     Beside it the float64 affine with one m, k, b, and the floor's copy, both
     ways. With eval's vectors (float32 mean and shift) and train's (float64 mean).
 
+``moments-in-cache``
+    The same for the moments pass: our channels-last moments row body (eight
+    rows a sweep on these rows) against the float64 moments with one pivot and
+    the floor's read, from memory and from L2.
+
 Run::
 
     chrt -f 1 python benchmarks/paired_paths.py eval-mean
@@ -50,6 +55,7 @@ Run::
     chrt -f 1 python benchmarks/paired_paths.py moments-wide
     chrt -f 1 python benchmarks/paired_paths.py narrow-size
     chrt -f 1 python benchmarks/paired_paths.py normalize-in-cache
+    chrt -f 1 python benchmarks/paired_paths.py moments-in-cache
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ import batchnorm
 from batchnorm import functional as F
 from batchnorm.kernels import _floor, _loops, _numba
 from batchnorm.kernels._jit import serial_and_parallel
-from batchnorm.kernels._loops_channels_last import _affine_rows
+from batchnorm.kernels._loops_channels_last import _affine_rows, _reduce_mc_rows
 
 
 def paired(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -362,6 +368,87 @@ def normalize_in_cache(args: argparse.Namespace) -> None:
             print(f"  {name:32s} {ms:.3f}  (÷ copy from memory {ms / base:.2f})")
 
 
+@serial_and_parallel()
+def moments_rows_again(x, pivot, sums, squares, repeats, num_chunks):
+    """Our channels-last moments row body (``_reduce_mc_rows``) over the rows of
+    ``x`` into per-chunk partials, ``repeats`` times in one launch."""
+    rows = x.shape[0]
+    for chunk in prange(num_chunks):
+        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
+        for _ in range(repeats):
+            _reduce_mc_rows(True, x, x, pivot, lo, hi, sums[chunk], squares[chunk])
+
+
+@serial_and_parallel(fastmath=True)
+def float64_moments_again(x, pivot, repeats, num_chunks):
+    """``float64_moments`` (one pivot) ``repeats`` times in one launch."""
+    sums = np.zeros(num_chunks)
+    for chunk in prange(num_chunks):
+        part = x[chunk * x.size // num_chunks : (chunk + 1) * x.size // num_chunks]
+        s = 0.0
+        q = 0.0
+        for _ in range(repeats):
+            for i in range(part.size):
+                d = np.float64(part[i]) - pivot
+                s += d
+                q += d * d
+        sums[chunk] = s + q
+    return sums.sum()
+
+
+@serial_and_parallel(fastmath=True)
+def read_again(x, repeats, num_chunks):
+    """The floor's read (a float32 sum) ``repeats`` times in one launch."""
+    total = np.zeros(num_chunks, dtype=x.dtype)
+    for chunk in prange(num_chunks):
+        xs = x[chunk * x.size // num_chunks : (chunk + 1) * x.size // num_chunks]
+        s = total[chunk]
+        for _ in range(repeats):
+            for i in range(xs.size):
+                s += xs[i]
+        total[chunk] = s
+    return total.sum()
+
+
+def moments_in_cache(args: argparse.Namespace) -> None:
+    """Our moments loop where memory cannot be what limits it.
+
+    As ``normalize_in_cache``: the 4M values of (4096, 1024) read once from
+    memory, or the first 64 rows (256 KiB) read 64 times in one launch, by our
+    channels-last moments row body (eight rows a sweep, a pivot and two float64
+    partial sums per column), by the float64 moments with one pivot, and by the
+    floor's read.
+    """
+    _, x, _, _ = wide_batch()
+    rows, repeats = 64, x.shape[0] // 64
+    small = np.ascontiguousarray(x[:rows])
+    pivot = x[0].astype(np.float64)
+    for threads in (1, 2):
+        sums = np.zeros((threads, CHANNELS))
+        squares = np.zeros((threads, CHANNELS))
+        moments_rows_again.serial(x, pivot, sums, squares, 1, 1)
+        d = x.astype(np.float64) - pivot
+        np.testing.assert_allclose(sums[0], d.sum(axis=0), rtol=1e-9, atol=1e-6)
+        numba.set_num_threads(threads)
+        n = threads
+        calls = {}
+        for where, (a, r) in {"memory": (x, 1), "L2": (small, repeats)}.items():
+            calls[f"ours, {where}"] = partial(
+                _build(moments_rows_again, n), a, pivot, sums, squares, r, n
+            )
+            calls[f"float64 moments, {where}"] = partial(
+                _build(float64_moments_again, n), a.reshape(-1), 3.0, r, n
+            )
+            calls[f"read, {where}"] = partial(
+                _build(read_again, n), a.reshape(-1), r, n
+            )
+        t = paired(calls, args.repeats)
+        print(f"4M values, {threads} thread(s), ms:")
+        base = t["read, memory"]
+        for name, ms in t.items():
+            print(f"  {name:32s} {ms:.3f}  (÷ read from memory {ms / base:.2f})")
+
+
 SHAPES = ((4096, 1024), (12544, 1024), (2048, 2048), (16384, 4096))
 
 
@@ -449,6 +536,7 @@ def main() -> None:
             "moments-wide",
             "narrow-size",
             "normalize-in-cache",
+            "moments-in-cache",
         ],
     )
     parser.add_argument("--repeats", type=int, default=100, help="timed calls each")
@@ -459,6 +547,7 @@ def main() -> None:
         "moments-wide": moments_wide,
         "narrow-size": narrow_size,
         "normalize-in-cache": normalize_in_cache,
+        "moments-in-cache": moments_in_cache,
     }
     experiments[args.experiment](args)
 
