@@ -1,8 +1,11 @@
 """Paired timings of two loop paths in one process.
 
-Each experiment times one operation two ways, alternated call by call so that
-the machine's noise hits both alike, at 1 and 2 threads; the values of each way
-are checked against the NumPy reference first.
+Each experiment times one operation two or more ways, alternated call by call
+so that the machine's noise hits all alike, at 1 and 2 threads. ``eval-mean``
+and ``float64-floor`` check the values of each way against the NumPy reference
+first, the ``*-in-cache`` experiments check each loop's output once against
+NumPy, ``moments-wide`` and ``narrow-size`` time backend calls that the test
+suite holds to the reference.
 
 ``eval-mean``
     ``forward_eval`` on (4096, 1024) float32, channels last, with ``out=``: the
@@ -38,15 +41,18 @@ are checked against the NumPy reference first.
 
 ``normalize-in-cache``
     Our channels-last ``normalize`` row body on 4M values (the (4096, 1024)
-    case) streamed from memory, against the same body passing 64 times over 64
-    rows that L2 holds, in one launch: there the time is the loop's own work.
-    Beside it the float64 affine with one m, k, b, and the floor's copy, both
-    ways. With eval's vectors (float32 mean and shift) and train's (float64 mean).
+    case) streamed (from memory, partly L3), against the same body passing 64
+    times over 64 rows that L2 holds, in one launch: there the time is the
+    loop's own work. With eval's vectors (float32 mean and shift) and train's
+    (float64 mean), packed as the backend packs them. Beside it, both ways: the
+    float64 affine with one m, k, b, the folded ``float64(x)·k + (β − μ·k)``
+    (not what the backends compute: for comparison), and the floor's copy.
 
 ``moments-in-cache``
     The same for the moments pass: our channels-last moments row body (eight
     rows a sweep on these rows) against the float64 moments with one pivot and
-    the floor's read, from memory and from L2.
+    the floor's read, from L3 (``x`` alone stays there between calls) and from
+    L2.
 
 Run::
 
@@ -74,7 +80,7 @@ import batchnorm
 from batchnorm import functional as F
 from batchnorm.kernels import _floor, _loops, _numba
 from batchnorm.kernels._jit import serial_and_parallel
-from batchnorm.kernels._loops_channels_last import _affine_rows, _reduce_mc_rows
+from batchnorm.kernels._loops_channels_last import _normalize_mc_rows, _reduce_mc_rows
 
 
 def paired(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -275,14 +281,29 @@ def float64_floor(args: argparse.Namespace) -> None:
 
 
 @serial_and_parallel()
-def normalize_rows_again(x, out, mean, scale, shift, repeats, num_chunks):
-    """Our channels-last normalize row body (``_affine_rows``) over the rows of
-    ``x``, ``repeats`` times in one launch: no launch between the passes."""
+def normalize_rows_again(x, out, v0, v1, v2, v3, repeats, num_chunks):
+    """Our channels-last normalize row body (``_normalize_mc_rows``, with the
+    launcher's ``v0``-``v3`` as the backend packs them) over the rows of ``x``,
+    ``repeats`` times in one launch: no launch between the passes."""
     rows = x.shape[0]
     for chunk in prange(num_chunks):
         lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
         for _ in range(repeats):
-            _affine_rows(x, out, mean, scale, shift, lo, hi)
+            _normalize_mc_rows(x, out, v0, v1, v2, v3, lo, hi)
+
+
+@serial_and_parallel()
+def folded_rows_again(x, out, scale, offset, repeats, num_chunks):
+    """``out = float64(x)·k + c`` per channel (``c = β − μ·k``): the folded
+    formula the backends do not use, timed for comparison."""
+    rows, width = x.shape
+    for chunk in prange(num_chunks):
+        lo, hi = chunk * rows // num_chunks, (chunk + 1) * rows // num_chunks
+        for _ in range(repeats):
+            for r in range(lo, hi):
+                src, dst = x[r], out[r]
+                for c in range(width):
+                    dst[c] = np.float64(src[c]) * scale[c] + offset[c]
 
 
 @serial_and_parallel()
@@ -307,14 +328,25 @@ def copy_again(x, out, repeats, num_chunks):
                 dst[i] = src[i]
 
 
+def _check_once(
+    calls: Mapping[str, Callable[[], Any]], check: Callable[[str], None]
+) -> None:
+    for name, call in calls.items():
+        call()
+        check(name)
+
+
 def normalize_in_cache(args: argparse.Namespace) -> None:
     """Our normalize loop where memory cannot be what limits it.
 
-    The same 4M values (4096 rows of 1024) either streamed once from memory or
-    as the first 64 rows (256 KiB, with ``out`` half of L2) passed over 64 times
-    in one launch. From L2 the time is the loop's own work: the float64
-    arithmetic with its per-channel vectors, as forward_eval (float32 mean and
-    shift) and forward_train (float64 mean, float32 shift) give them.
+    The same 4M values (4096 rows of 1024) either streamed once (from memory,
+    partly from L3: ``x`` and ``out`` together fill it) or as the first 64 rows
+    (256 KiB of ``x`` and as much of ``out``: half of this machine's 1 MiB L2)
+    passed over 64 times in one launch. From L2 the time is the loop's own work:
+    the float64 arithmetic with its per-channel vectors, packed as the backend
+    packs them for forward_eval (float32 mean and shift) and forward_train
+    (float64 mean, float32 shift). Beside it, the float64 affine with one m, k, b,
+    the folded formula with vectors, and the floor's copy.
     """
     rng, x, gamma, beta = wide_batch()
     out = np.empty_like(x)
@@ -325,28 +357,42 @@ def normalize_in_cache(args: argparse.Namespace) -> None:
     )
     scale = rng.uniform(0.5, 1.5, CHANNELS)
     batch_mean = x.mean(axis=0, dtype=np.float64)
-    vectors = {
-        "eval vectors": (batch_mean.astype(np.float32), scale, beta),
-        "train vectors": (batch_mean, scale, beta),
+    shift = beta.astype(np.float64)
+    op = _loops.NORMALIZE + _loops.CHANNELS_LAST
+    means = {
+        "eval": batch_mean.astype(np.float32).astype(np.float64),
+        "train": batch_mean,
     }
-    for name, (m, k, b) in vectors.items():
-        normalize_rows_again.serial(x, out, m, k, b, 1, 1)
-        want = ((x.astype(np.float64) - m) * k + b).astype(np.float32)
-        np.testing.assert_array_equal(out, want, err_msg=name)
+    packed = {
+        name: _numba._launch_vectors(op, (m, scale, shift), 1, True)
+        for name, m in means.items()
+    }
+    assert packed["eval"][0].size == 0 and packed["train"][2].size == 0  # narrowed
+    offset = shift - batch_mean * scale
+    x64 = x.astype(np.float64)
     flat, flat_out = x.reshape(-1), out.reshape(-1)
     small_flat, small_flat_out = small.reshape(-1), small_out.reshape(-1)
     for threads in (1, 2):
         numba.set_num_threads(threads)
         n = threads
-        calls = {}
+        calls: dict[str, Callable[[], Any]] = {}
+        expected: dict[str, np.ndarray] = {}
         for where, (a, o, r) in {
-            "memory": (x, out, 1),
+            "streamed": (x, out, 1),
             "L2": (small, small_out, repeats),
         }.items():
-            for name, (m, k, b) in vectors.items():
-                calls[f"ours, {name}, {where}"] = partial(
-                    _build(normalize_rows_again, n), a, o, m, k, b, r, n
+            a64 = x64[: a.shape[0]]
+            for name, v in packed.items():
+                calls[f"ours, {name} vectors, {where}"] = partial(
+                    _build(normalize_rows_again, n), a, o, *v, r, n
                 )
+                expected[f"ours, {name} vectors, {where}"] = (
+                    (a64 - means[name]) * scale + shift
+                ).astype(np.float32)
+            calls[f"folded, {where}"] = partial(
+                _build(folded_rows_again, n), a, o, scale, offset, r, n
+            )
+            expected[f"folded, {where}"] = (a64 * scale + offset).astype(np.float32)
             calls[f"float64 affine, {where}"] = partial(
                 _build(float64_affine_again, n),
                 a.reshape(-1),
@@ -357,15 +403,25 @@ def normalize_in_cache(args: argparse.Namespace) -> None:
                 r,
                 n,
             )
-        calls["copy, memory"] = partial(_build(copy_again, n), flat, flat_out, 1, n)
+            expected[f"float64 affine, {where}"] = ((a64 - 3.0) * 0.5 + 0.25).astype(
+                np.float32
+            )
+        calls["copy, streamed"] = partial(_build(copy_again, n), flat, flat_out, 1, n)
         calls["copy, L2"] = partial(
             _build(copy_again, n), small_flat, small_flat_out, repeats, n
         )
+        expected["copy, streamed"], expected["copy, L2"] = x, small
+
+        def check(name: str, expected: dict[str, np.ndarray] = expected) -> None:
+            got = small_out if name.endswith("L2") else out
+            np.testing.assert_array_equal(got, expected[name], err_msg=name)
+
+        _check_once(calls, check)
         t = paired(calls, args.repeats)
         print(f"4M values, {threads} thread(s), ms:")
-        base = t["copy, memory"]
+        base = t["copy, streamed"]
         for name, ms in t.items():
-            print(f"  {name:32s} {ms:.3f}  (÷ copy from memory {ms / base:.2f})")
+            print(f"  {name:32s} {ms:.3f}  (÷ copy streamed {ms / base:.2f})")
 
 
 @serial_and_parallel()
@@ -413,8 +469,9 @@ def read_again(x, repeats, num_chunks):
 def moments_in_cache(args: argparse.Namespace) -> None:
     """Our moments loop where memory cannot be what limits it.
 
-    As ``normalize_in_cache``: the 4M values of (4096, 1024) read once from
-    memory, or the first 64 rows (256 KiB) read 64 times in one launch, by our
+    As ``normalize_in_cache``: the 4M values of (4096, 1024) read once (``x``
+    alone, 16 MiB, stays in the 32 MiB L3 between calls: read at L3 speed), or
+    the first 64 rows (256 KiB) read 64 times in one launch, by our
     channels-last moments row body (eight rows a sweep, a pivot and two float64
     partial sums per column), by the float64 moments with one pivot, and by the
     floor's read.
@@ -429,10 +486,19 @@ def moments_in_cache(args: argparse.Namespace) -> None:
         moments_rows_again.serial(x, pivot, sums, squares, 1, 1)
         d = x.astype(np.float64) - pivot
         np.testing.assert_allclose(sums[0], d.sum(axis=0), rtol=1e-9, atol=1e-6)
+        np.testing.assert_allclose(squares[0], (d * d).sum(axis=0), rtol=1e-12)
+        sums[:], squares[:] = 0.0, 0.0
+        moments_rows_again.parallel(small, pivot, sums, squares, 2, threads)
+        twice = 2 * (x[:rows].astype(np.float64) - pivot)
+        np.testing.assert_allclose(sums.sum(axis=0), twice.sum(axis=0), atol=1e-6)
+        flat64 = x.reshape(-1).astype(np.float64)
+        got = float64_moments_again.parallel(x.reshape(-1), 3.0, 1, threads)
+        want = ((flat64 - 3.0) + (flat64 - 3.0) ** 2).sum()
+        np.testing.assert_allclose(got, want, rtol=1e-12)
         numba.set_num_threads(threads)
         n = threads
         calls = {}
-        for where, (a, r) in {"memory": (x, 1), "L2": (small, repeats)}.items():
+        for where, (a, r) in {"L3": (x, 1), "L2": (small, repeats)}.items():
             calls[f"ours, {where}"] = partial(
                 _build(moments_rows_again, n), a, pivot, sums, squares, r, n
             )
@@ -444,9 +510,9 @@ def moments_in_cache(args: argparse.Namespace) -> None:
             )
         t = paired(calls, args.repeats)
         print(f"4M values, {threads} thread(s), ms:")
-        base = t["read, memory"]
+        base = t["read, L3"]
         for name, ms in t.items():
-            print(f"  {name:32s} {ms:.3f}  (÷ read from memory {ms / base:.2f})")
+            print(f"  {name:32s} {ms:.3f}  (÷ read from L3 {ms / base:.2f})")
 
 
 SHAPES = ((4096, 1024), (12544, 1024), (2048, 2048), (16384, 4096))

@@ -36,9 +36,9 @@ LAYOUTS = ["NCHW", "NHWC", "NC"]
 #: Plus (512, 1024), the three means repeated: rows of 1024 channels take the
 #: Numba backend's wide channels-last loops (two-row ``dx``; moments sweep eight
 #: rows at a time in each chunk of 8 rows or more: up to 64 threads), in parallel
-#: when it has threads. Twice: as they come (float64 vectors in ``normalize``),
-#: and with the float32 shift and mean that ``normalize`` takes only on tensors
-#: too large for the caches (``_numba.NARROW_MIN_BYTES``).
+#: when it has threads. Twice: with float64 vectors in ``normalize``, and with
+#: the float32 shift and mean that ``normalize`` takes only on tensors too large
+#: for the caches (``_numba.NARROW_MIN_BYTES``; see ``_narrow_vectors``).
 NARROW = "NC wide, float32 vectors"
 ALL_LAYOUTS = [*LAYOUTS, "NC wide", NARROW]
 C = 3
@@ -47,12 +47,32 @@ WIDE = 1024
 
 @pytest.fixture(autouse=True)
 def _narrow_vectors(request, monkeypatch):
-    """Layout ``NARROW``: ``normalize`` narrows its vectors on any size of ``x``."""
+    """``NARROW``: the Numba ``normalize`` narrows its vectors on any size of ``x``,
+    and the test fails unless it did; ``NC wide``: it never narrows (whatever the
+    size of this machine's caches)."""
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("layout") == NARROW:
-        from batchnorm.kernels import _numba
+    params = callspec.params if callspec is not None else {}
+    layout = params.get("layout")
+    if params.get("backend") != "numba" or layout not in ("NC wide", NARROW):
+        yield
+        return
+    from batchnorm.kernels import _loops, _numba
 
-        monkeypatch.setattr(_numba, "NARROW_MIN_BYTES", 0)
+    narrow = layout == NARROW
+    monkeypatch.setattr(_numba, "NARROW_MIN_BYTES", 0 if narrow else 1 << 62)
+    packed = []
+    original = _numba._launch_vectors
+
+    def spy(op, vectors, k, narrow):
+        result = original(op, vectors, k, narrow)
+        if op == _loops.NORMALIZE + _loops.CHANNELS_LAST:
+            packed.append(result[3].size > 0)  # v3: the float32 values
+        return result
+
+    monkeypatch.setattr(_numba, "_launch_vectors", spy)
+    yield
+    if packed:  # the variance tests do not normalize
+        assert all(packed) if narrow else not any(packed)
 
 
 def make_x(layout: str, means, seed: int = 0) -> tuple[np.ndarray, int]:

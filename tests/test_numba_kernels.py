@@ -1012,11 +1012,15 @@ def test_launch_vectors_stay_float64_unless_narrow():
 
 def test_last_level_cache_bytes_reads_the_largest_size(tmp_path):
     """Sizes as sysfs writes them (``32K``, ``1024K``, ``32M``); the largest
-    wins; nothing readable gives 32 MiB."""
+    wins; entries it cannot read or parse are skipped; nothing readable gives
+    32 MiB."""
     assert _numba._last_level_cache_bytes(tmp_path) == 32 << 20
-    for index, size in enumerate(["32K", "1024K", "junk", "96M"]):
+    for index, size in enumerate(["32K", "1024K", "junk", "96M", "²K", "", "7G"]):
         (tmp_path / f"index{index}").mkdir()
         (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    (tmp_path / "index9").mkdir()
+    (tmp_path / "index9" / "size").write_bytes(b"\xff\xfeK")  # not UTF-8
+    (tmp_path / "index8" / "size").mkdir(parents=True)  # unreadable as a file
     assert _numba._last_level_cache_bytes(tmp_path) == 96 << 20
 
 

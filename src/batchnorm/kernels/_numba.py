@@ -169,23 +169,31 @@ def _exact_float32(values: np.ndarray) -> np.ndarray | None:
 def _last_level_cache_bytes(
     caches: Path = Path("/sys/devices/system/cpu/cpu0/cache"),
 ) -> int:
-    """The largest CPU cache of this machine (Linux sysfs), else 32 MiB."""
+    """The largest CPU cache of this machine (Linux sysfs), else 32 MiB.
+
+    Runs at import: an entry it cannot read or parse is skipped, never raised.
+    """
     sizes = []
     for path in caches.glob("index*/size"):
-        text = path.read_text().strip() if path.is_file() else ""
-        if text[:-1].isdigit() and text[-1] in "KM":
-            sizes.append(int(text[:-1]) << (10 if text[-1] == "K" else 20))
+        try:
+            text = path.read_text().strip()
+            unit = {"K": 10, "M": 20}[text[-1]]
+            sizes.append(int(text[:-1]) << unit)
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
     return max(sizes, default=32 << 20)
 
 
 #: Channels-last ``normalize`` narrows its exact float32 vectors (see
-#: ``_launch_vectors``) only on an ``x`` of this many bytes or more: ``x`` and
-#: ``out`` together are then half the last-level cache or more, and stream from
-#: memory. There the smaller vectors leave more of L1 to the rows (0.69-0.79 x
-#: the time at 1 thread, 0.82-1.02 x at 2, at 4096-16384 rows of 1024 values); on
-#: data the caches hold, the loop is bound by its arithmetic, and the conversions
-#: of float32 vectors cost more than they save (1.06-1.52 x at 256-1024 rows), as
-#: does the exactness check on a small batch (13 µs). See benchmarks/RESULTS.md.
+#: ``_launch_vectors``) only on an ``x`` of this many bytes or more: with ``out``,
+#: half the last-level cache or more, which other cores and programs share, so
+#: the rows come at least partly from memory from call to call. There the smaller
+#: vectors leave more of L1 to the rows (0.69-0.79 x the time at 1 thread,
+#: 0.82-1.02 x at 2, at 4096-16384 rows of 1024 values); on data the caches hold,
+#: the loop is bound by its arithmetic, and the conversions of float32 vectors
+#: cost more than they save (1.06-1.52 x at 256-1024 rows), as does the exactness
+#: check on a small batch (13 µs). At 2048 rows, the threshold here, it went
+#: either way (0.84-1.31 x). See benchmarks/RESULTS.md.
 NARROW_MIN_BYTES = _last_level_cache_bytes() // 4
 
 
