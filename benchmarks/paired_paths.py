@@ -153,8 +153,9 @@ def float64_sum(x, num_chunks):
 
 
 @serial_and_parallel(fastmath=True)
-def float64_moments(x, pivot, num_chunks):
-    """``(Σd, Σd²)``, ``d = float64(x) − pivot``, with one pivot for the whole array.
+def float64_moments(x, pivot, repeats, num_chunks):
+    """``(Σd, Σd²)``, ``d = float64(x) − pivot``, with one pivot for the whole array,
+    over ``x`` ``repeats`` times in one launch (no launch between the passes).
 
     The moments pass's arithmetic (as in ``_shifted_sums_4``), without a pivot
     and two partial sums per channel.
@@ -165,24 +166,27 @@ def float64_moments(x, pivot, num_chunks):
         part = x[chunk * x.size // num_chunks : (chunk + 1) * x.size // num_chunks]
         s = 0.0
         q = 0.0
-        for i in range(part.size):
-            d = np.float64(part[i]) - pivot
-            s += d
-            q += d * d
+        for _ in range(repeats):
+            for i in range(part.size):
+                d = np.float64(part[i]) - pivot
+                s += d
+                q += d * d
         sums[chunk] = s
         squares[chunk] = q
     return sums.sum(), squares.sum()
 
 
 @serial_and_parallel()
-def float64_affine(x, out, m, k, b, num_chunks):
-    """``out = (float64(x) − m)·k + b`` with one m, k, b: the normalize pass's
-    arithmetic, evaluated as the kernels do, without per-channel vectors."""
+def float64_affine(x, out, m, k, b, repeats, num_chunks):
+    """``out = (float64(x) − m)·k + b`` with one m, k, b, ``repeats`` times in one
+    launch: the normalize pass's arithmetic, evaluated as the kernels do, without
+    per-channel vectors."""
     for chunk in prange(num_chunks):
         lo, hi = chunk * x.size // num_chunks, (chunk + 1) * x.size // num_chunks
         src, dst = x[lo:hi], out[lo:hi]
-        for i in range(src.size):
-            dst[i] = (np.float64(src[i]) - m) * k + b
+        for _ in range(repeats):
+            for i in range(src.size):
+                dst[i] = (np.float64(src[i]) - m) * k + b
 
 
 def _build(pair: Any, threads: int) -> Any:
@@ -197,9 +201,9 @@ def float64_floor(args: argparse.Namespace) -> None:
     scale = gamma / np.sqrt(m2 / count + 1e-6)  # float64, as forward_train's
     shift = beta.astype(np.float64)
     x64 = flat.astype(np.float64)
-    sums = float64_moments.parallel(flat, 3.0, 2)
+    sums = float64_moments.parallel(flat, 3.0, 1, 2)
     np.testing.assert_allclose(sums, ((x64 - 3.0).sum(), ((x64 - 3.0) ** 2).sum()))
-    float64_affine.serial(flat, flat_out, 3.0, 0.5, 0.25, 1)
+    float64_affine.serial(flat, flat_out, 3.0, 0.5, 0.25, 1, 1)
     expected = ((x64 - 3.0) * 0.5 + 0.25).astype(np.float32)
     np.testing.assert_array_equal(flat_out, expected)
     # Our two loops as forward_train launches them, without the Python around.
@@ -218,10 +222,10 @@ def float64_floor(args: argparse.Namespace) -> None:
         _build(_floor.copy, n)(flat, flat_out, n)
 
     def float64_affine_pass(n: int) -> None:
-        _build(float64_affine, n)(flat, flat_out, 3.0, 0.5, 0.25, n)
+        _build(float64_affine, n)(flat, flat_out, 3.0, 0.5, 0.25, 1, n)
 
     def float64_passes(n: int) -> None:
-        _build(float64_moments, n)(flat, 3.0, n)
+        _build(float64_moments, n)(flat, 3.0, 1, n)
         float64_affine_pass(n)
 
     def ours() -> None:
@@ -262,7 +266,7 @@ def float64_floor(args: argparse.Namespace) -> None:
         # Each pass: the float64 loop, our loop alone, our backend call.
         t = paired(
             {
-                "float64 moments": partial(_build(float64_moments, n), flat, 3.0, n),
+                "float64 moments": partial(_build(float64_moments, n), flat, 3.0, 1, n),
                 "moments loop": partial(moments_loop, n),
                 "moments call": partial(_numba.batch_moments, x, 1),
                 "float64 affine": partial(float64_affine_pass, n),
@@ -304,17 +308,6 @@ def folded_rows_again(x, out, scale, offset, repeats, num_chunks):
                 src, dst = x[r], out[r]
                 for c in range(width):
                     dst[c] = np.float64(src[c]) * scale[c] + offset[c]
-
-
-@serial_and_parallel()
-def float64_affine_again(x, out, m, k, b, repeats, num_chunks):
-    """``float64_affine`` (one m, k, b) ``repeats`` times in one launch."""
-    for chunk in prange(num_chunks):
-        lo, hi = chunk * x.size // num_chunks, (chunk + 1) * x.size // num_chunks
-        src, dst = x[lo:hi], out[lo:hi]
-        for _ in range(repeats):
-            for i in range(src.size):
-                dst[i] = (np.float64(src[i]) - m) * k + b
 
 
 @serial_and_parallel()
@@ -394,7 +387,7 @@ def normalize_in_cache(args: argparse.Namespace) -> None:
             )
             expected[f"folded, {where}"] = (a64 * scale + offset).astype(np.float32)
             calls[f"float64 affine, {where}"] = partial(
-                _build(float64_affine_again, n),
+                _build(float64_affine, n),
                 a.reshape(-1),
                 o.reshape(-1),
                 3.0,
@@ -436,23 +429,6 @@ def moments_rows_again(x, pivot, sums, squares, repeats, num_chunks):
 
 
 @serial_and_parallel(fastmath=True)
-def float64_moments_again(x, pivot, repeats, num_chunks):
-    """``float64_moments`` (one pivot) ``repeats`` times in one launch."""
-    sums = np.zeros(num_chunks)
-    for chunk in prange(num_chunks):
-        part = x[chunk * x.size // num_chunks : (chunk + 1) * x.size // num_chunks]
-        s = 0.0
-        q = 0.0
-        for _ in range(repeats):
-            for i in range(part.size):
-                d = np.float64(part[i]) - pivot
-                s += d
-                q += d * d
-        sums[chunk] = s + q
-    return sums.sum()
-
-
-@serial_and_parallel(fastmath=True)
 def read_again(x, repeats, num_chunks):
     """The floor's read (a float32 sum) ``repeats`` times in one launch."""
     total = np.zeros(num_chunks, dtype=x.dtype)
@@ -480,21 +456,20 @@ def moments_in_cache(args: argparse.Namespace) -> None:
     rows, repeats = 64, x.shape[0] // 64
     small = np.ascontiguousarray(x[:rows])
     pivot = x[0].astype(np.float64)
+    sums, squares = np.zeros((1, CHANNELS)), np.zeros((1, CHANNELS))
+    moments_rows_again.serial(x, pivot, sums, squares, 1, 1)
+    d = x.astype(np.float64) - pivot
+    np.testing.assert_allclose(sums[0], d.sum(axis=0), rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(squares[0], (d * d).sum(axis=0), rtol=1e-12)
+    e = x.reshape(-1).astype(np.float64) - 3.0
+    got = float64_moments.parallel(x.reshape(-1), 3.0, 1, 2)
+    np.testing.assert_allclose(got, (e.sum(), (e * e).sum()), rtol=1e-12)
+    twice = 2 * d[:rows].sum(axis=0)
     for threads in (1, 2):
         sums = np.zeros((threads, CHANNELS))
         squares = np.zeros((threads, CHANNELS))
-        moments_rows_again.serial(x, pivot, sums, squares, 1, 1)
-        d = x.astype(np.float64) - pivot
-        np.testing.assert_allclose(sums[0], d.sum(axis=0), rtol=1e-9, atol=1e-6)
-        np.testing.assert_allclose(squares[0], (d * d).sum(axis=0), rtol=1e-12)
-        sums[:], squares[:] = 0.0, 0.0
         moments_rows_again.parallel(small, pivot, sums, squares, 2, threads)
-        twice = 2 * (x[:rows].astype(np.float64) - pivot)
-        np.testing.assert_allclose(sums.sum(axis=0), twice.sum(axis=0), atol=1e-6)
-        flat64 = x.reshape(-1).astype(np.float64)
-        got = float64_moments_again.parallel(x.reshape(-1), 3.0, 1, threads)
-        want = ((flat64 - 3.0) + (flat64 - 3.0) ** 2).sum()
-        np.testing.assert_allclose(got, want, rtol=1e-12)
+        np.testing.assert_allclose(sums.sum(axis=0), twice, atol=1e-6)
         numba.set_num_threads(threads)
         n = threads
         calls = {}
@@ -503,7 +478,7 @@ def moments_in_cache(args: argparse.Namespace) -> None:
                 _build(moments_rows_again, n), a, pivot, sums, squares, r, n
             )
             calls[f"float64 moments, {where}"] = partial(
-                _build(float64_moments_again, n), a.reshape(-1), 3.0, r, n
+                _build(float64_moments, n), a.reshape(-1), 3.0, r, n
             )
             calls[f"read, {where}"] = partial(
                 _build(read_again, n), a.reshape(-1), r, n
@@ -592,30 +567,22 @@ def narrow_size(args: argparse.Namespace) -> None:
     _numba.NARROW_MIN_BYTES = default
 
 
+EXPERIMENTS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "eval-mean": eval_mean,
+    "float64-floor": float64_floor,
+    "moments-wide": moments_wide,
+    "narrow-size": narrow_size,
+    "normalize-in-cache": normalize_in_cache,
+    "moments-in-cache": moments_in_cache,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "experiment",
-        choices=[
-            "eval-mean",
-            "float64-floor",
-            "moments-wide",
-            "narrow-size",
-            "normalize-in-cache",
-            "moments-in-cache",
-        ],
-    )
+    parser.add_argument("experiment", choices=list(EXPERIMENTS))
     parser.add_argument("--repeats", type=int, default=100, help="timed calls each")
     args = parser.parse_args()
-    experiments = {
-        "eval-mean": eval_mean,
-        "float64-floor": float64_floor,
-        "moments-wide": moments_wide,
-        "narrow-size": narrow_size,
-        "normalize-in-cache": normalize_in_cache,
-        "moments-in-cache": moments_in_cache,
-    }
-    experiments[args.experiment](args)
+    EXPERIMENTS[args.experiment](args)
 
 
 if __name__ == "__main__":
