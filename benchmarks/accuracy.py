@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 import batchnorm
-from batchnorm import _backend
 from batchnorm import functional as F
+from batchnorm import kernels
 
 EPS = 1e-5
 MEANS = (0.0, 1e4, 1e6)
@@ -183,7 +183,7 @@ def versions(torch) -> str:
         parts.append(f"numba {numba.__version__}")
     except ImportError:
         pass
-    parts.append(f"batchnorm backends measured: {', '.join(_backend.available())}")
+    parts.append(f"batchnorm backends measured: {', '.join(kernels.available())}")
     machine = f"{platform.system()} {platform.machine()}, {platform.processor() or ''}"
     return ", ".join(parts) + f"; {machine.strip(', ')}"
 
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
         except ImportError:
             print("torch is not installed: measuring ours only", file=sys.stderr)
-    rows = measure(_backend.available(), torch)
+    rows = measure(kernels.available(), torch)
     markdown = table(rows)
     print(markdown)
     command = "python benchmarks/accuracy.py " + " ".join(

@@ -28,7 +28,7 @@ def run(ranks: int, model: str, steps: int, batch: int) -> dict:
         str(ranks),
         sys.executable,
         "-m",
-        "batchnorm.cli",
+        "batchnorm.app.main",
         "train",
         "--json",
         "--model",

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchnorm import bench
+from batchnorm.app import bench
 
 HERE = Path(__file__).resolve().parent
 ANALYSIS = "## Analysis"
@@ -193,7 +193,7 @@ def write_results(
         "",
         "float32; medians after 2 warm-up calls each; implementations interleaved "
         f"in rotating order, {bench.BLOCK} timed calls per visit after one untimed "
-        "call that wakes the thread pool (see `batchnorm.bench._time`); "
+        "call that wakes the thread pool (see `batchnorm.app.bench._time`); "
         f"{rows[0]['repeats']} timed calls per implementation, NumPy "
         f"{max(r['repeats'] for r in rows if r['implementation'] == 'numpy')} "
         "(at 1 thread only: it is single-threaded). *floor* is a plain Numba stream "
@@ -201,7 +201,7 @@ def write_results(
         "y; forward_eval: copy; backward: read x and dy, then x + dy → dx) into a "
         "preallocated output; *ours out=* writes into a preallocated array too; "
         "*ours alloc* returns a new array on every call, from the output block "
-        "cache (`batchnorm._pool`: the block of a result the caller has dropped, "
+        "cache (`batchnorm._memory`: the block of a result the caller has dropped, "
         "here the previous call's); *no cache* is the same with "
         "`BATCHNORM_POOL_BYTES=0`, a fresh `mmap` faulted in on every call, as "
         "torch's result is. Torch: "

@@ -56,12 +56,12 @@ suite holds to the reference.
 
 Run::
 
-    chrt -f 1 python benchmarks/paired_paths.py eval-mean
-    chrt -f 1 python benchmarks/paired_paths.py float64-floor
-    chrt -f 1 python benchmarks/paired_paths.py moments-wide
-    chrt -f 1 python benchmarks/paired_paths.py narrow-size
-    chrt -f 1 python benchmarks/paired_paths.py normalize-in-cache
-    chrt -f 1 python benchmarks/paired_paths.py moments-in-cache
+    chrt -f 1 python benchmarks/lab/paired_paths.py eval-mean
+    chrt -f 1 python benchmarks/lab/paired_paths.py float64-floor
+    chrt -f 1 python benchmarks/lab/paired_paths.py moments-wide
+    chrt -f 1 python benchmarks/lab/paired_paths.py narrow-size
+    chrt -f 1 python benchmarks/lab/paired_paths.py normalize-in-cache
+    chrt -f 1 python benchmarks/lab/paired_paths.py moments-in-cache
 """
 
 from __future__ import annotations
@@ -78,9 +78,14 @@ from numba import prange
 
 import batchnorm
 from batchnorm import functional as F
-from batchnorm.kernels import _floor, _loops, _numba
-from batchnorm.kernels._jit import serial_and_parallel
-from batchnorm.kernels._loops_channels_last import _normalize_mc_rows, _reduce_mc_rows
+from batchnorm.app.bench import floor as _floor
+from batchnorm.kernels import numba as _numba
+from batchnorm.kernels.numba import _loops
+from batchnorm.kernels.numba._jit import serial_and_parallel
+from batchnorm.kernels.numba._loops_channels_last import (
+    _normalize_mc_rows,
+    _reduce_mc_rows,
+)
 
 
 def paired(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:

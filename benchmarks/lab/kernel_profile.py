@@ -1,6 +1,6 @@
 """Where the time of each Numba loop goes: memory or arithmetic (one thread).
 
-For every loop of :mod:`batchnorm.kernels._loops` and every floor stream, time
+For every loop of :mod:`batchnorm.kernels.numba._loops` and every floor stream, time
 (1) one pass over the benchmark's tensor (51 MB: DRAM) and (2) the same loop on a
 512 KiB slice that stays in L2, scaled to the tensor's size: the time the
 arithmetic alone would take. A loop whose in-cache time is close to its full time
@@ -8,7 +8,7 @@ is compute-bound; one whose full time is close to the floor's is memory-bound.
 
 Run::
 
-    python benchmarks/kernel_profile.py
+    python benchmarks/lab/kernel_profile.py
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from paired_paths import float64_sum  # run as a script: benchmarks/ is on the path
+from paired_paths import float64_sum  # run as a script: lab/ is on the path
 
-from batchnorm.kernels import _floor, _loops
+from batchnorm.app.bench import floor as _floor
+from batchnorm.kernels.numba import _loops
 
 
 def median_ms(call: Callable[[], Any], repeats: int = 15) -> float:
