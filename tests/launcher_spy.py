@@ -12,7 +12,7 @@ def spy_on_launcher(monkeypatch: Any) -> list[tuple[str, int]]:
     (``_loops.MOMENTS``, ``NORMALIZE``, ``GRAD_SUMS``, ``DX``), channels-last
     calls counted as their base operation. Imports Numba.
     """
-    from batchnorm.kernels import _loops
+    from batchnorm.kernels.numba import _loops
 
     ran: list[tuple[str, int]] = []
     pair = _loops.launch

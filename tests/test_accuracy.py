@@ -24,10 +24,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchnorm import Moments, _backend
+from batchnorm import Moments, kernels
 from batchnorm import functional as F
 
-BACKENDS = _backend.available()
+BACKENDS = kernels.available()
 U32 = 2.0**-24
 VAR_RTOL = 1e-6
 EPS = 1e-6
@@ -56,7 +56,8 @@ def _narrow_vectors(request, monkeypatch):
     if params.get("backend") != "numba" or layout not in ("NC wide", NARROW):
         yield
         return
-    from batchnorm.kernels import _loops, _numba
+    from batchnorm.kernels import numba as _numba
+    from batchnorm.kernels.numba import _loops
 
     narrow = layout == NARROW
     monkeypatch.setattr(_numba, "NARROW_MIN_BYTES", 0 if narrow else 1 << 62)

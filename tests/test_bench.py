@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("numba")
 pytest.importorskip("torch")
 
-from batchnorm import bench, cli  # noqa: E402
+from batchnorm.app import bench  # noqa: E402
+from batchnorm.app import main as cli
 
 TINY = bench.Case((4, 3, 8, 8), "nchw")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchnorm.cli import COMMANDS, main
+from batchnorm.app.main import COMMANDS, main
 
 
 def test_help_lists_every_command(capsys):

@@ -85,7 +85,7 @@ def test_train_command_under_mpiexec():
     result = run_mpi(
         2,
         "-m",
-        "batchnorm.cli",
+        "batchnorm.app.main",
         "train",
         "--json",
         "--model",

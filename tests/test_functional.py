@@ -7,11 +7,11 @@ import pytest
 
 import batchnorm as bn
 import naive
-from batchnorm import _backend
+from batchnorm import kernels
 from gradchecks import directional_check, elementwise_check
 
 F = bn.functional
-BACKENDS = _backend.available()
+BACKENDS = kernels.available()
 
 
 def make(shape, *, axis=1, seed=0, mean=0.0, std=1.0, dtype=np.float64):
@@ -269,7 +269,7 @@ def test_darknet_forward_formula():
 
 
 def test_set_num_threads_reaches_the_kernels():
-    numba_kernels = pytest.importorskip("batchnorm.kernels._numba")
+    numba_kernels = pytest.importorskip("batchnorm.kernels.numba")
     try:
         bn.set_num_threads(1)
         assert numba_kernels.get_num_threads() == 1

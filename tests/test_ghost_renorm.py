@@ -7,7 +7,7 @@ import pytest
 
 import batchnorm as bn
 from batchnorm import functional as F
-from batchnorm._groups import group_slices
+from batchnorm.ghost import group_slices
 from batchnorm.renorm import (
     backward_renorm,
     forward_renorm,

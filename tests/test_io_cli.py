@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from batchnorm import io as bio
-from batchnorm.cli import main
+from batchnorm.app.main import main
 from batchnorm.io import darknet
 
 CFG = """\

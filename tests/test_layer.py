@@ -7,10 +7,10 @@ import pytest
 
 import batchnorm as bn
 import naive
-from batchnorm import _backend
+from batchnorm import kernels
 
 F = bn.functional
-BACKENDS = _backend.available()
+BACKENDS = kernels.available()
 
 
 def batch(seed, shape=(8, 3, 4, 4), mean=2.0, std=3.0, dtype=np.float32):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from batchnorm import cli
+from batchnorm.app import main as cli
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def quick_demo(tmp_path_factory):
             "-W",
             "error",
             "-m",
-            "batchnorm.cli",
+            "batchnorm.app.main",
             "demo",
             "--quick",
             "--out",

@@ -28,8 +28,13 @@ import pytest
 pytest.importorskip("numba")
 
 import batchnorm as bn  # noqa: E402
-from batchnorm import _backend  # noqa: E402
-from batchnorm.kernels import _loops, _loops_channels_last, _numba, _numpy  # noqa: E402
+from batchnorm import kernels  # noqa: E402
+from batchnorm.kernels import numba as _numba
+from batchnorm.kernels import reference
+from batchnorm.kernels.numba import (
+    _loops,  # noqa: E402
+    _loops_channels_last,
+)
 from launcher_spy import spy_on_launcher  # noqa: E402
 
 F = bn.functional
@@ -130,7 +135,7 @@ def test_batch_moments(threads, loops, name, shape, axis, transform, dtype):
     _, x, _, _, axis = make(shape, axis, transform, dtype, mean=1e4, std=1.0)
     count, mean, m2 = _numba.batch_moments(x, axis)
     assert_path(loops, name, [_loops.MOMENTS], x)
-    count_ref, mean_ref, m2_ref = _numpy.batch_moments(x, axis)
+    count_ref, mean_ref, m2_ref = reference.batch_moments(x, axis)
     assert count == count_ref
     x64 = x.astype(np.float64)
     d = x64 - per_channel(first_per_channel(x64, axis), x64, axis)
@@ -159,13 +164,13 @@ def test_normalize_is_bit_identical(
     shift = None if shift_dtype is None else rng.normal(size=c).astype(shift_dtype)
     y = _numba.normalize(x, axis, mean, scale, shift, x.dtype)
     assert_path(loops, name, [_loops.NORMALIZE], x)
-    y_ref = _numpy.normalize(x, axis, mean, scale, shift, x.dtype)
+    y_ref = reference.normalize(x, axis, mean, scale, shift, x.dtype)
     assert y.dtype == x.dtype and y.shape == x.shape
     np.testing.assert_array_equal(y, y_ref)
 
 
 def gradient_inputs(rng, x, c, axis):
-    count, mean, m2 = _numpy.batch_moments(x, axis)
+    count, mean, m2 = reference.batch_moments(x, axis)
     inv_std = 1.0 / np.sqrt(m2 / count + 1e-6)
     gamma = rng.uniform(0.5, 1.5, c).astype(np.float32)
     return count, mean, inv_std, gamma
@@ -176,7 +181,7 @@ def assert_param_grads_close(dgamma, dbeta, dy, x, mean, inv_std, axis, count):
     x_hat = (x.astype(np.float64) - per_channel(mean, x, axis)) * per_channel(
         inv_std, x, axis
     )
-    _, dgamma_ref, dbeta_ref = _numpy.param_grads(dy, x, axis, mean, inv_std)
+    _, dgamma_ref, dbeta_ref = reference.param_grads(dy, x, axis, mean, inv_std)
     assert_sums_close(dbeta, dbeta_ref, channel_sums(np.abs(dy64), axis), count)
     # dgamma is inv_std · Σ dy·(x − mean) here and Σ dy·x̂ there: one more rounding.
     abs_terms = channel_sums(np.abs(dy64 * x_hat), axis)
@@ -194,7 +199,7 @@ def test_backward_train(threads, loops, name, shape, axis, transform, dtype):
         dy, x, axis, mean, inv_std, gamma, k, count
     )
     assert_path(loops, name, [_loops.GRAD_SUMS, _loops.DX], x, dy)
-    dx_ref, _, _ = _numpy.backward_train(dy, x, axis, mean, inv_std, gamma, k, count)
+    dx_ref, _, _ = reference.backward_train(dy, x, axis, mean, inv_std, gamma, k, count)
     _, _, abs_terms = assert_param_grads_close(
         dgamma, dbeta, dy, x, mean, inv_std, axis, count
     )
@@ -226,7 +231,7 @@ def test_backward_eval(threads, loops, name, shape, axis, transform, dtype):
     count, mean, inv_std, gamma = gradient_inputs(rng, x, c, axis)
     dx, dgamma, dbeta = _numba.backward_eval(dy, x, axis, mean, inv_std, gamma)
     assert_path(loops, name, [_loops.GRAD_SUMS, _loops.NORMALIZE], x, dy)
-    dx_ref, _, _ = _numpy.backward_eval(dy, x, axis, mean, inv_std, gamma)
+    dx_ref, _, _ = reference.backward_eval(dy, x, axis, mean, inv_std, gamma)
     np.testing.assert_array_equal(dx, dx_ref)  # dy · (γ·inv_std): same float64 op
     assert_param_grads_close(dgamma, dbeta, dy, x, mean, inv_std, axis, count)
 
@@ -326,7 +331,7 @@ def test_fused_forward_train_equals_the_composition(
         backend="numba",
     )
     np.testing.assert_array_equal(y, fused[4])
-    _, mean_ref, m2_ref = _numpy.batch_moments(x, axis)
+    _, mean_ref, m2_ref = reference.batch_moments(x, axis)
     x64 = x.astype(np.float64)
     d = x64 - per_channel(first_per_channel(x64, axis), x64, axis)
     abs_x, abs_d = channel_sums(np.abs(x64), axis), channel_sums(np.abs(d), axis)
@@ -383,7 +388,7 @@ def test_fused_forward_train_declines_what_it_does_not_cover(
 ):
     _, x, _, _, axis = make(shape, axis, transform, dtype)
     assert _numba.forward_train(x, axis, None, None, 1e-6, "inside", 0) is None
-    assert _numpy.forward_train(x, axis, None, None, 1e-6, "inside", 0) is None
+    assert reference.forward_train(x, axis, None, None, 1e-6, "inside", 0) is None
 
 
 # -- out= -------------------------------------------------------------------------
@@ -523,7 +528,7 @@ def test_fallback_covers_bfloat16_non_native_order_and_mixed_dtypes():
         (x.astype(np.float32), x.astype(np.float64)),  # dy of another dtype
     ]
     for xs, dy in cases:
-        count, mean, m2 = _numpy.batch_moments(xs, 1)
+        count, mean, m2 = reference.batch_moments(xs, 1)
         if xs.dtype != np.float32:
             got = _numba.batch_moments(xs, 1)
             for a, b in zip(got, (count, mean, m2), strict=True):
@@ -531,7 +536,7 @@ def test_fallback_covers_bfloat16_non_native_order_and_mixed_dtypes():
         inv_std, k = 1.0 / np.sqrt(m2 / count + 1e-6), np.full(3, -1.0 / count)
         args = (dy, xs, 1, mean, inv_std, None, k, count)
         for got, want in zip(
-            _numba.backward_train(*args), _numpy.backward_train(*args), strict=True
+            _numba.backward_train(*args), reference.backward_train(*args), strict=True
         ):
             np.testing.assert_array_equal(got, want)
 
@@ -541,7 +546,7 @@ def test_non_finite_values_stay_in_their_channel(threads):
     x[3, 1, 2, 2] = np.nan
     x[5, 2, 0, 0] = np.inf
     _, mean, m2 = _numba.batch_moments(x, 1)
-    _, mean_ref, m2_ref = _numpy.batch_moments(x, 1)
+    _, mean_ref, m2_ref = reference.batch_moments(x, 1)
     finite = [0, 3]
     assert np.isnan(mean[1]) and not np.isfinite(mean[2])
     assert not np.isfinite(m2[1]) and not np.isfinite(m2[2])
@@ -680,10 +685,10 @@ def test_default_backend_falls_back_to_numpy_without_numba():
     code = (
         "import sys; sys.modules['numba'] = None\n"  # import numba raises
         "import numpy as np, batchnorm as bn\n"
-        "from batchnorm import _backend\n"
+        "from batchnorm import kernels\n"
         "x = np.arange(12.0).reshape(4, 3)\n"
         "y, cache = bn.functional.forward_train(x, None, None)\n"
-        "print(_backend.default(), _backend.available(), cache.mean.tolist())\n"
+        "print(kernels.default(), kernels.available(), cache.mean.tolist())\n"
         "try:\n"
         "    bn.functional.forward_train(x, None, None, backend='numba')\n"
         "except ImportError as exc:\n"
@@ -705,20 +710,20 @@ def test_default_backend_is_looked_up_once(monkeypatch):
     calls do not go through the import machinery again (a microsecond or two of
     every functional call), and ``$BATCHNORM_BACKEND`` still wins on every call."""
     monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
-    assert _backend.default() == "numba"
-    assert _backend.resolve(None) is _numba
-    assert _backend.resolve("numpy") is _numpy
+    assert kernels.default() == "numba"
+    assert kernels.resolve(None) is _numba
+    assert kernels.resolve("numpy") is reference
 
     def no_imports(*args):
         raise AssertionError("imported again")
 
-    monkeypatch.setattr(_backend, "available", no_imports)
-    monkeypatch.setattr(_backend.importlib, "import_module", no_imports)
-    assert _backend.default() == "numba"
-    assert _backend.resolve(None) is _numba
-    assert _backend.resolve("numpy") is _numpy
+    monkeypatch.setattr(kernels, "available", no_imports)
+    monkeypatch.setattr(kernels.importlib, "import_module", no_imports)
+    assert kernels.default() == "numba"
+    assert kernels.resolve(None) is _numba
+    assert kernels.resolve("numpy") is reference
     monkeypatch.setenv("BATCHNORM_BACKEND", "numpy")
-    assert _backend.resolve(None) is _numpy
+    assert kernels.resolve(None) is reference
 
 
 def test_kernels_cache_to_numba_cache_dir(tmp_path):
@@ -742,7 +747,7 @@ def test_an_edit_of_a_helper_module_alone_reaches_the_cached_row_dispatch(tmp_pa
         Path(bn.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
     )
     code = (
-        "import numpy as np; from batchnorm.kernels import _loops;"
+        "import numpy as np; from batchnorm.kernels.numba import _loops;"
         "x = np.ones((1, 2, 3)); out = np.empty_like(x); v = np.ones(3);"
         "_loops.launch.serial(_loops.DX + _loops.CHANNELS_LAST, x, x, out,"
         " v, v, v, v, 1);"
@@ -750,7 +755,7 @@ def test_an_edit_of_a_helper_module_alone_reaches_the_cached_row_dispatch(tmp_pa
     )
     env = {"PYTHONPATH": str(package.parent), "NUMBA_CACHE_DIR": str(tmp_path / "c")}
     before = _python(code, **env)  # ((1 − 1)·1 + 1 − 1)·1
-    helpers = package / "kernels" / "_loops_channels_last.py"
+    helpers = package / "kernels" / "numba" / "_loops_channels_last.py"
     line = "dst[c] = (dx - dbeta_mean[c]) * gain[c]"
     assert helpers.read_text().count(line) == 1
     helpers.write_text(helpers.read_text().replace(line, line + " + 7.0"))
@@ -768,13 +773,13 @@ def test_kernels_work_with_no_writable_cache_location(tmp_path):
     shutil.copytree(
         Path(bn.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
     )
-    (package / "kernels" / "__pycache__").write_text("not a directory")
+    (package / "kernels" / "numba" / "__pycache__").write_text("not a directory")
     home = tmp_path / "home"
     home.mkdir()
     (home / ".cache").write_text("not a directory")
     code = (
         "import numpy as np, batchnorm as bn;"
-        "from batchnorm.kernels import _loops;"
+        "from batchnorm.kernels.numba import _loops;"
         "x = np.random.default_rng(0).normal(size=(4, 2, 300)).astype(np.float32);"
         "F = bn.functional;"
         "y, c = F.forward_train(x, None, None, backend='numba');"
@@ -816,7 +821,7 @@ def test_grad_sums_and_backward_apply(
     args = (dy, x, axis, mean, inv_std, gamma, k, total, sum_dgamma, sum_dbeta)
     dx = _numba.backward_apply(*args)
     assert_path(loops, name, [_loops.DX], x, dy)
-    dx_ref = _numpy.backward_apply(*args)
+    dx_ref = reference.backward_apply(*args)
     assert dx.dtype == x.dtype and dx.shape == x.shape
     # Both compute ((x − m)·s·kΣ + dy − v)·w in float64, with s = inv_std,
     # kΣ = k·Σdy·x̂, v = Σdy/total and w = γ·s: the reference as ((x − m)·s)·kΣ,
@@ -902,7 +907,7 @@ def test_call_by_address_refuses_arguments_of_another_type():
     import numba
     from numba.core.errors import TypingError
 
-    from batchnorm.kernels import _indirect
+    from batchnorm.kernels.numba import _indirect
 
     @numba.njit
     def call(x, v, p):
@@ -974,7 +979,7 @@ def test_narrowed_normalize_is_bit_identical(
     narrowed = packed[0][3].size > 0  # v3: float32 values
     assert narrowed == (shift_dtype == np.float32)
     np.testing.assert_array_equal(
-        y, _numpy.normalize(x, axis, mean, scale, shift, x.dtype)
+        y, reference.normalize(x, axis, mean, scale, shift, x.dtype)
     )
 
 
@@ -1054,19 +1059,20 @@ def test_kernels_run_as_python_with_numba_jit_disabled():
     and call the row dispatch directly, with the reference's values."""
     code = """
 import numpy as np
-from batchnorm.kernels import _numba, _numpy
+from batchnorm.kernels import numba as _numba
+from batchnorm.kernels import reference
 rng = np.random.default_rng(0)
 ok = []
 for shape, axis in [((3, 2, 4), 1), ((5, 3), 1), ((2, 3, 1030), 2)]:
     x, dy = rng.normal(size=shape), rng.normal(size=shape)
     c = x.shape[axis]
     mean, inv, k = rng.normal(size=c), np.ones(c), np.full(c, -0.5)
-    a, b = _numba.batch_moments(x, axis), _numpy.batch_moments(x, axis)
+    a, b = _numba.batch_moments(x, axis), reference.batch_moments(x, axis)
     ok.append(np.allclose(a[1], b[1]) and np.allclose(a[2], b[2]))
     y = _numba.normalize(x, axis, mean, inv, inv, x.dtype)
-    ok.append(np.array_equal(y, _numpy.normalize(x, axis, mean, inv, inv, x.dtype)))
+    ok.append(np.array_equal(y, reference.normalize(x, axis, mean, inv, inv, x.dtype)))
     d = _numba.backward_train(dy, x, axis, mean, inv, inv, k, 2)[0]
-    e = _numpy.backward_train(dy, x, axis, mean, inv, inv, k, 2)[0]
+    e = reference.backward_train(dy, x, axis, mean, inv, inv, k, 2)[0]
     ok.append(np.allclose(d, e, rtol=1e-12, atol=1e-12))
 print(ok)
 """

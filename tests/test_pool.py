@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from batchnorm import _pool
+from batchnorm import _memory
 
 F = bn.functional
 BIG = (16, 8, 64, 64)  # 2 MiB of float32: above MIN_BYTES
@@ -23,26 +23,26 @@ BIG = (16, 8, 64, 64)  # 2 MiB of float32: above MIN_BYTES
 @pytest.fixture(autouse=True)
 def clean_pool(monkeypatch):
     monkeypatch.delenv("BATCHNORM_POOL_BYTES", raising=False)
-    _pool.release_buffers()
+    _memory.release_buffers()
     yield
-    _pool.release_buffers()
+    _memory.release_buffers()
 
 
 def test_block_is_reused_only_after_every_user_is_gone():
-    a = _pool.empty(BIG, np.float32)
+    a = _memory.empty(BIG, np.float32)
     address = a.ctypes.data
     view = a[3:5]
     del a
-    b = _pool.empty(BIG, np.float32)
+    b = _memory.empty(BIG, np.float32)
     assert b.ctypes.data != address  # the view still uses the first block
     del view
-    c = _pool.empty(BIG, np.float32)
+    c = _memory.empty(BIG, np.float32)
     assert c.ctypes.data == address
     assert not np.shares_memory(b, c)
 
 
 def test_arrays_are_plain_writable_c_contiguous():
-    a = _pool.empty(BIG, np.float64)
+    a = _memory.empty(BIG, np.float64)
     assert type(a) is np.ndarray
     assert a.shape == BIG and a.dtype == np.float64
     assert a.flags.c_contiguous and a.flags.writeable and a.flags.aligned
@@ -51,37 +51,37 @@ def test_arrays_are_plain_writable_c_contiguous():
 
 
 def test_small_arrays_bypass_the_cache():
-    a = _pool.empty((4, 4), np.float32)
+    a = _memory.empty((4, 4), np.float32)
     assert a.base is None
     del a
-    assert _pool.idle_bytes() == 0
+    assert _memory.idle_bytes() == 0
 
 
 def test_idle_bytes_are_bounded_and_released(monkeypatch):
     nbytes = int(np.prod(BIG)) * 4
     monkeypatch.setenv("BATCHNORM_POOL_BYTES", str(2 * nbytes))
-    arrays = [_pool.empty(BIG, np.float32) for _ in range(3)]
+    arrays = [_memory.empty(BIG, np.float32) for _ in range(3)]
     del arrays
     gc.collect()
-    assert _pool.idle_bytes() == 2 * nbytes  # the third block was freed
-    assert _pool.release_buffers() == 2 * nbytes
-    assert _pool.idle_bytes() == 0
+    assert _memory.idle_bytes() == 2 * nbytes  # the third block was freed
+    assert _memory.release_buffers() == 2 * nbytes
+    assert _memory.idle_bytes() == 0
 
 
 def test_zero_turns_the_cache_off(monkeypatch):
     monkeypatch.setenv("BATCHNORM_POOL_BYTES", "0")
-    a = _pool.empty(BIG, np.float32)
+    a = _memory.empty(BIG, np.float32)
     assert a.base is None
     del a
-    assert _pool.idle_bytes() == 0
+    assert _memory.idle_bytes() == 0
 
 
 @pytest.mark.parametrize("value", ["-1", "lots", "1.5"])
 def test_bad_setting_is_named(monkeypatch, value):
     monkeypatch.setenv("BATCHNORM_POOL_BYTES", value)
-    assert _pool.empty((4, 4), np.float32).shape == (4, 4)  # small: not read
+    assert _memory.empty((4, 4), np.float32).shape == (4, 4)  # small: not read
     with pytest.raises(ValueError) as info:
-        _pool.empty(BIG, np.float32)
+        _memory.empty(BIG, np.float32)
     message = str(info.value)
     assert "environment variable BATCHNORM_POOL_BYTES" in message
     assert ">= 0" in message and f"got {value!r}" in message
@@ -90,21 +90,21 @@ def test_bad_setting_is_named(monkeypatch, value):
 
 def test_lease_cannot_be_copied_or_pickled():
     """Two leases of one block would give it back twice: refused."""
-    a = _pool.empty(BIG, np.float32)
+    a = _memory.empty(BIG, np.float32)
     a[...] = 1.5
     for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
         with pytest.raises(TypeError, match="lease cannot be copied or pickled"):
             attempt(a.base)
     b = pickle.loads(pickle.dumps(a))  # the array itself: its values, copied
-    assert not isinstance(b.base, _pool._Lease) and np.array_equal(b, a)
+    assert not isinstance(b.base, _memory._Lease) and np.array_equal(b, a)
 
 
 def test_public_release_buffers():
-    a = _pool.empty(BIG, np.float32)
+    a = _memory.empty(BIG, np.float32)
     del a
-    assert _pool.idle_bytes() == a_bytes()
+    assert _memory.idle_bytes() == a_bytes()
     assert bn.release_buffers() == a_bytes()
-    assert _pool.idle_bytes() == 0
+    assert _memory.idle_bytes() == 0
 
 
 def a_bytes():
@@ -120,7 +120,7 @@ def test_collecting_a_cycle_inside_the_cache_does_not_deadlock(tmp_path):
         """
         import faulthandler, sys
         import numpy as np
-        from batchnorm import _pool
+        from batchnorm import _memory
         faulthandler.dump_traceback_later(60, exit=True)
 
         class Holder:
@@ -129,11 +129,11 @@ def test_collecting_a_cycle_inside_the_cache_does_not_deadlock(tmp_path):
         for trial in range(20000):
             h = Holder()
             h.me = h
-            h.arr = _pool.empty((1 << 18,), np.float32)
+            h.arr = _memory.empty((1 << 18,), np.float32)
             del h
-            _pool.release_buffers()
+            _memory.release_buffers()
             pad = [[] for _ in range(trial % 7)]
-            b = _pool.empty((1 << 19,), np.float32)
+            b = _memory.empty((1 << 19,), np.float32)
             del b
         print("done")
         """
@@ -164,7 +164,7 @@ def test_kernel_outputs_stay_independent():
 def test_reused_block_gets_fully_overwritten():
     pytest.importorskip("numba")
     x = np.random.default_rng(1).normal(size=BIG).astype(np.float32)
-    stale = _pool.empty(BIG, np.float32)
+    stale = _memory.empty(BIG, np.float32)
     stale[...] = np.nan
     address = stale.ctypes.data
     del stale
@@ -183,7 +183,7 @@ def test_threads_never_share_a_block():
     def work(tag: int) -> None:
         try:
             for _ in range(200):
-                a = _pool.empty(BIG, np.float32)
+                a = _memory.empty(BIG, np.float32)
                 a[:] = tag
                 if not np.all(a == tag):
                     raise AssertionError("another thread wrote into a leased block")

@@ -27,10 +27,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import batchnorm  # noqa: E402
-from batchnorm import _backend  # noqa: E402
 from batchnorm import functional as F  # noqa: E402
+from batchnorm import kernels  # noqa: E402
 
-BACKENDS = _backend.available()
+BACKENDS = kernels.available()
 FLOAT64_RTOL = 1e-10
 FLOAT32_RTOL = 64 * 2.0**-24
 RTOL = {np.float64: FLOAT64_RTOL, np.float32: FLOAT32_RTOL}

@@ -8,7 +8,7 @@ True
 """
 
 from batchnorm import functional
-from batchnorm._pool import release_buffers
+from batchnorm._memory import release_buffers
 from batchnorm.functional import NonFiniteStatisticsError
 from batchnorm.layer import BatchNorm
 from batchnorm.moments import Moments
@@ -31,6 +31,6 @@ def set_num_threads(num_threads: int | None) -> None:
 
     Imports Numba; the NumPy backend is unaffected.
     """
-    from batchnorm.kernels import _numba
+    from batchnorm.kernels import numba as _numba
 
     _numba.set_num_threads(num_threads)

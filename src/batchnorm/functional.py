@@ -2,8 +2,8 @@
 
 This module is the single source of truth for the math; nothing here mutates its
 arguments. The derivation of the gradient lives in
-:mod:`batchnorm.kernels._numpy`. :class:`Cache` (:mod:`batchnorm._cache`), the
-running-statistics update (:mod:`batchnorm._running_stats`) and the argument checks
+:mod:`batchnorm.kernels.reference`. :class:`Cache` (:mod:`batchnorm.moments`), the
+running-statistics update (:mod:`batchnorm.running_stats`) and the argument checks
 (:mod:`batchnorm._validation`) live in private modules; this is their public face.
 
 Conventions (see the README's table):
@@ -23,23 +23,22 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm import _backend
-from batchnorm._cache import Cache
-from batchnorm._running_stats import NonFiniteStatisticsError, update_running_stats
+from batchnorm import kernels
 from batchnorm._validation import (
     EPS_PLACEMENTS,
     check_channel_vector,
     check_choice,
     check_ddof,
+    check_dy,
     check_eps,
     check_input,
+    check_out,
+    check_running,
+    training_count_error,
 )
-from batchnorm._validation import check_dy as _check_dy
-from batchnorm._validation import check_out as _check_out
-from batchnorm._validation import check_running as _check_running
-from batchnorm._validation import training_count_error as _training_count_error
-from batchnorm.kernels._numpy import channel_gain
-from batchnorm.moments import Moments
+from batchnorm.kernels.reference import channel_gain
+from batchnorm.moments import Cache, Moments
+from batchnorm.running_stats import NonFiniteStatisticsError, update_running_stats
 
 __all__ = [
     "Cache",
@@ -47,6 +46,7 @@ __all__ = [
     "backward",
     "backward_eval",
     "forward_eval",
+    "forward_from_moments",
     "forward_train",
     "inv_std_of",
     "update_running_stats",
@@ -139,7 +139,7 @@ def forward_train(
     eps = check_eps(eps)
     eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
     ddof = check_ddof(ddof)
-    out = _check_out(out, x, ("x", x))
+    out = check_out(out, x, ("x", x))
     count = x.size // num_channels if num_channels else 0
     if x.size == 0:
         raise ValueError(
@@ -147,20 +147,84 @@ def forward_train(
             "Skip the step, or use forward_eval, which accepts empty input."
         )
     if count < 2:
-        raise _training_count_error(x, axis, count)
-    kernels = _backend.resolve(backend)
+        raise training_count_error(x, axis, count)
+    ops = kernels.resolve(backend)
     # A small tensor in one compiled call where the backend has one (the same
     # values as the composition below), else statistics, then normalize.
-    fused = kernels.forward_train(x, axis, gamma, beta, eps, eps_placement, ddof, out)
+    fused = ops.forward_train(x, axis, gamma, beta, eps, eps_placement, ddof, out)
     if fused is not None:
         count, mean, m2, inv_std, y = fused
         moments = Moments(count, mean, m2)
+        return y, Cache(x, moments, inv_std, gamma, axis, eps, eps_placement, ddof)
+    moments = Moments(*ops.batch_moments(x, axis))
+    return _normalize_by(
+        ops, x, moments, gamma, beta, axis, eps, eps_placement, ddof, out
+    )
+
+
+def forward_from_moments(
+    x: Any,
+    moments: Moments,
+    gamma: Any,
+    beta: Any,
+    *,
+    axis: int = 1,
+    eps: float = 1e-6,
+    eps_placement: str = "inside",
+    ddof: int = 0,
+    backend: str | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, Cache]:
+    """Normalize ``x`` with batch ``moments`` gathered elsewhere (e.g. every rank's).
+
+    The tail of :func:`forward_train`, for callers that merged the statistics of a
+    larger batch than ``x`` (synchronized batch norm); ``forward_train(x, …)``
+    equals ``forward_from_moments(x, Moments.from_array(x, axis), …)``. ``x`` may be
+    empty. Arguments as in :func:`forward_train`; ``moments.count`` must be >= 2.
+    """
+    x, axis = check_input(x, axis)
+    num_channels = x.shape[axis]
+    if not isinstance(moments, Moments) or moments.num_channels != num_channels:
+        raise TypeError(
+            f"moments must be a Moments of {num_channels} channels (x.shape[axis]); "
+            f"got {moments!r}. Build it with Moments.from_array and merge."
+        )
+    if moments.count < 2:
+        raise ValueError(
+            f"moments must hold at least 2 values per channel; got count = "
+            f"{moments.count}. The variance of fewer values is undefined."
+        )
+    gamma = check_channel_vector(gamma, "gamma", num_channels, optional=True)
+    beta = check_channel_vector(beta, "beta", num_channels, optional=True)
+    eps = check_eps(eps)
+    eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
+    ddof = check_ddof(ddof)
+    out = check_out(out, x, ("x", x))
+    ops = kernels.resolve(backend)
+    return _normalize_by(
+        ops, x, moments, gamma, beta, axis, eps, eps_placement, ddof, out
+    )
+
+
+def _normalize_by(
+    ops: Any,
+    x: np.ndarray,
+    moments: Moments,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    axis: int,
+    eps: float,
+    eps_placement: str,
+    ddof: int,
+    out: np.ndarray | None,
+) -> tuple[np.ndarray, Cache]:
+    """``y = (x − mean) · (γ · inv_std) + β`` for checked arguments, and its Cache."""
+    inv_std = inv_std_of(moments.var(ddof), eps, eps_placement)
+    scale = channel_gain(inv_std, gamma)
+    if x.size:
+        y = ops.normalize(x, axis, moments.mean, scale, beta, x.dtype, out=out)
     else:
-        moments = Moments(*kernels.batch_moments(x, axis))
-        var = moments.m2 / (count - ddof)  # moments.var(ddof); count >= 2 > ddof
-        inv_std = inv_std_of(var, eps, eps_placement)
-        scale = channel_gain(inv_std, gamma)
-        y = kernels.normalize(x, axis, moments.mean, scale, beta, x.dtype, out=out)
+        y = np.empty(x.shape, x.dtype) if out is None else out
     return y, Cache(x, moments, inv_std, gamma, axis, eps, eps_placement, ddof)
 
 
@@ -195,7 +259,7 @@ def backward(
     -----
     ``dx = γ · inv_std · (dy − Σdy/m + k · x̂ · Σ(dy·x̂))`` with ``k = −1/(m − ddof)``
     for ε inside the root; the derivation, including darknet's ε outside, is in
-    :mod:`batchnorm.kernels._numpy`. Darknet's own ``backward_batchnorm_layer`` is
+    :mod:`batchnorm.kernels.reference`. Darknet's own ``backward_batchnorm_layer`` is
     not the gradient of its forward (it differentiates the ε-inside formula with
     the biased ``1/m`` while its forward uses ε outside and ``m − 1``); this is.
     """
@@ -205,11 +269,11 @@ def backward(
             f"{type(cache).__name__}."
         )
     x, axis = cache.x, cache.axis
-    dy = _check_dy(dy, x)
-    out = _check_out(out, x, ("x", x), ("dy", dy))
+    dy = check_dy(dy, x)
+    out = check_out(out, x, ("x", x), ("dy", dy))
     k = gradient_k(cache.moments, cache.eps, cache.eps_placement, cache.ddof)
-    kernels = _backend.resolve(backend)
-    return kernels.backward_train(
+    ops = kernels.resolve(backend)
+    return ops.backward_train(
         dy, x, axis, cache.mean, cache.inv_std, cache.gamma, k, cache.count, out=out
     )
 
@@ -217,7 +281,7 @@ def backward(
 def gradient_k(
     moments: Moments, eps: float, eps_placement: str, ddof: int
 ) -> np.ndarray:
-    """Per-channel ``k`` of the training gradient (see :mod:`batchnorm.kernels._numpy`).
+    """Per-channel ``k`` of the training gradient (:mod:`batchnorm.kernels.reference`).
 
     ``−1/(m − ddof)`` for ε inside the root; ``−(1 + ε/√v)/(m − ddof)`` for ε
     outside, and 0 where ``v = 0`` (every ``x̂`` is then 0).
@@ -271,17 +335,17 @@ def forward_eval(
     num_channels = x.shape[axis]
     gamma = check_channel_vector(gamma, "gamma", num_channels, optional=True)
     beta = check_channel_vector(beta, "beta", num_channels, optional=True)
-    running_mean, running_var = _check_running(running_mean, running_var, num_channels)
+    running_mean, running_var = check_running(running_mean, running_var, num_channels)
     eps = check_eps(eps)
     eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
-    out = _check_out(out, x, ("x", x))
+    out = check_out(out, x, ("x", x))
     inv_std = inv_std_of(running_var, eps, eps_placement)
     scale = channel_gain(inv_std, gamma)
     mean = running_mean.astype(np.float64)
     if x.size == 0:
         return np.empty(x.shape, dtype=x.dtype) if out is None else out
-    kernels = _backend.resolve(backend)
-    return kernels.normalize(x, axis, mean, scale, beta, x.dtype, out=out)
+    ops = kernels.resolve(backend)
+    return ops.normalize(x, axis, mean, scale, beta, x.dtype, out=out)
 
 
 def backward_eval(
@@ -310,15 +374,15 @@ def backward_eval(
         ``Σ dy · x̂`` and ``Σ dy`` with ``x̂ = (x − running_mean) · inv_std``.
     """
     x, axis = check_input(x, axis)
-    dy = _check_dy(dy, x)
+    dy = check_dy(dy, x)
     num_channels = x.shape[axis]
     gamma = check_channel_vector(gamma, "gamma", num_channels, optional=True)
-    running_mean, running_var = _check_running(running_mean, running_var, num_channels)
+    running_mean, running_var = check_running(running_mean, running_var, num_channels)
     eps = check_eps(eps)
     eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
-    out = _check_out(out, x, ("x", x), ("dy", dy))
+    out = check_out(out, x, ("x", x), ("dy", dy))
     inv_std = inv_std_of(running_var, eps, eps_placement)
-    kernels = _backend.resolve(backend)
-    return kernels.backward_eval(
+    ops = kernels.resolve(backend)
+    return ops.backward_eval(
         dy, x, axis, running_mean.astype(np.float64), inv_std, gamma, out=out
     )

@@ -20,6 +20,7 @@ from batchnorm.layer import BatchNorm
 from batchnorm.moments import Moments
 from batchnorm.nn.conv import Conv2d
 from batchnorm.nn.layers import Linear, Sequential
+from batchnorm.nn.walk import batch_norms
 
 __all__ = ["fold", "fold_error_bound", "recalibrate"]
 
@@ -191,15 +192,6 @@ def _abs_copy(layer: Linear | Conv2d) -> Linear | Conv2d:
     return new
 
 
-def _walk(network: Any) -> list[BatchNorm]:
-    if isinstance(network, BatchNorm):
-        return [network]
-    found: list[BatchNorm] = []
-    for layer in getattr(network, "layers", []):
-        found += _walk(layer)
-    return found
-
-
 def _stream(layer: Any, x: np.ndarray, totals: dict[int, Moments]) -> np.ndarray:
     """Forward ``x`` through ``layer``, merging every BatchNorm's input moments."""
     if isinstance(layer, Sequential):
@@ -267,7 +259,7 @@ def recalibrate(network: Any, batches: Iterable[Any]) -> list[Moments]:
     >>> bool(np.allclose(layer.running_var, x.var(axis=0, ddof=1), rtol=1e-12))
     True
     """
-    layers = _walk(network)
+    layers = batch_norms(network)
     if not layers:
         raise TypeError(
             f"network holds no BatchNorm layer (got {type(network).__name__}); "

@@ -1,41 +1,30 @@
 """The BatchNorm layer: state only (γ, β, running statistics, mode, the last cache).
 
-All math is delegated to :mod:`batchnorm.functional`; the layer owns no optimizer,
-no file format and no communication. Its option checks and config are in
-:mod:`batchnorm._layer_options`; the rules that change its state (running-statistics
-update, reset, state dicts) in :mod:`batchnorm._layer_state`; output-buffer reuse in
-:mod:`batchnorm._buffers`.
+All math is delegated to :mod:`batchnorm.functional` (and :mod:`batchnorm.ghost` for
+ghost batches and renormalization); the options are one checked
+:class:`~batchnorm.options.LayerOptions`. The layer owns no optimizer, no file
+format and no communication.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from batchnorm import _groups, _layer_options, _layer_state
 from batchnorm import functional as F
-from batchnorm._buffers import OutputBuffers
-from batchnorm._layer_options import (
-    check_backend,
-    check_initial_running_stats,
-    check_layer_axis,
-    check_num_features,
-    check_parameter_dtype,
-)
-from batchnorm._validation import (
-    EPS_PLACEMENTS,
-    ON_NONFINITE,
-    RUNNING_VAR_KINDS,
-    check_choice,
-    check_ddof,
-    check_eps,
-    check_input,
-    check_momentum,
-)
-from batchnorm.presets import PRESETS
-from batchnorm.renorm import check_renorm_limits
+from batchnorm import ghost
+from batchnorm._memory import OutputBuffers
+from batchnorm._validation import check_input
+from batchnorm.moments import Moments
+from batchnorm.options import OPTION_NAMES, LayerOptions
+from batchnorm.presets import PRESETS, check_state_dict
+from batchnorm.running_stats import RunningState
+
+#: Options fixed at construction: the state's shapes and dtype depend on them.
+_FIXED_OPTIONS = frozenset({"num_features", "affine", "dtype"})
 
 
 class BatchNorm:
@@ -49,54 +38,22 @@ class BatchNorm:
     ----------
     num_features : int
         C, the number of channels.
-    axis : int, default 1
-        Channel axis of the input; ``-1`` for channels-last.
-    eps : float, default 1e-6
-    momentum : float in [0, 1] or None, default 0.99
-        Weight on the OLD running value (PyTorch's 0.1 is our 0.9). ``None``: exact
-        cumulative statistics of every value seen.
-    running_var_kind : {"unbiased", "biased"}
-    affine : bool, default True
-        Learn γ and β; when False they are ``None`` (γ = 1, β = 0).
-    eps_placement : {"inside", "outside"}
-    ddof : {0, 1}
-        Normalizing variance; see :func:`batchnorm.functional.forward_train`.
-    on_nonfinite : {"raise", "skip"}
-        What a batch with NaN/inf statistics does; running stats never take them.
-    initial_running_mean, initial_running_var : float, default 0 and 1
-    dtype : numpy dtype, default float32
-        Dtype of γ, β and the running statistics.
-    backend : {"numpy", "numba"} or None
-    reuse_buffers : bool, default False
-        Write each output (``y`` of the forward pass, ``dx`` of the backward pass)
-        into an array the layer keeps and reuses on the next call of the same
-        shape, instead of allocating a new one. The array returned by one call is
-        then overwritten by the next: copy it if you need it longer. A buffer that
-        shares memory with the call's input is never used for its output. (On the
-        Numba backend new large outputs already reuse the blocks of outputs you
-        have dropped, see ``batchnorm.release_buffers``; this option also keeps
-        the address fixed and covers the NumPy backend.)
-    virtual_batch_size : int >= 2 or None, default None
-        Ghost batch norm: in training, each run of ``virtual_batch_size``
-        consecutive samples (axis 0) is normalized with its own statistics; a
-        remainder is its own group when it has m >= 2 values per channel and joins
-        the previous group otherwise (:func:`batchnorm._groups.group_slices`). The
-        running statistics take one update per group, in order, as if the groups
-        were separate batches (``num_batches_tracked`` counts groups). The gradient
-        is exact (each group is an independent batch norm). Eval mode is unaffected
-        and takes any batch size.
-    renorm : bool, default False
-        Batch renormalization (Ioffe, 2017): in training ``y = γ (x̂ r + d) + β``
-        with r, d from the running statistics, clipped by ``rmax``, ``dmax`` and
-        held constant in backward; see :mod:`batchnorm.renorm`. Combined with
-        ``virtual_batch_size``, each group is renormalized in turn.
-    rmax, dmax : float, default 3 and 5
-        Clipping limits of renorm (``rmax >= 1``, ``dmax >= 0``; ``inf`` clips
-        nothing). Plain attributes: a trainer sets them every step, e.g. from
-        :func:`batchnorm.renorm.renorm_schedule`.
+    **options
+        ``axis=1``, ``eps=1e-6``, ``momentum=0.99``, ``running_var_kind="unbiased"``,
+        ``affine=True``, ``eps_placement``, ``ddof``, ``on_nonfinite``,
+        ``initial_running_mean``, ``initial_running_var``, ``dtype``, ``backend``,
+        ``reuse_buffers``, ``virtual_batch_size``, ``renorm``, ``rmax``, ``dmax``:
+        documented once, in :class:`~batchnorm.options.LayerOptions`. Each is
+        readable as an attribute (``layer.eps``); setting one checks it again.
+        ``num_features``, ``affine`` and ``dtype`` are fixed at construction.
 
     Attributes
     ----------
+    options : LayerOptions
+        The checked options; :meth:`config` gives them as keyword arguments.
+    rmax, dmax : float
+        Renorm's clipping limits now (a trainer may set them every step; checked
+        at the next forward pass).
     gamma, beta : ndarray, shape (C,), or None
     running_mean, running_var : ndarray, shape (C,)
     num_batches_tracked, num_values_seen : int
@@ -118,67 +75,54 @@ class BatchNorm:
     >>> y_test = layer.eval()(x)           # running statistics, nothing updated
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        axis: int = 1,
-        eps: float = 1e-6,
-        momentum: float | None = 0.99,
-        running_var_kind: str = "unbiased",
-        affine: bool = True,
-        eps_placement: str = "inside",
-        ddof: int = 0,
-        on_nonfinite: str = "raise",
-        initial_running_mean: float = 0.0,
-        initial_running_var: float = 1.0,
-        dtype: Any = np.float32,
-        backend: str | None = None,
-        reuse_buffers: bool = False,
-        virtual_batch_size: int | None = None,
-        renorm: bool = False,
-        rmax: float = 3.0,
-        dmax: float = 5.0,
-    ) -> None:
-        self.num_features = check_num_features(num_features)
-        self.axis = check_layer_axis(axis)
-        self.eps = check_eps(eps)
-        self.momentum = check_momentum(momentum)
-        self.running_var_kind = check_choice(
-            running_var_kind, "running_var_kind", RUNNING_VAR_KINDS
-        )
-        self.eps_placement = check_choice(
-            eps_placement, "eps_placement", EPS_PLACEMENTS
-        )
-        self.ddof = check_ddof(ddof)
-        self.on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", ON_NONFINITE)
-        self.affine = bool(affine)
-        self.dtype = check_parameter_dtype(dtype)
-        self.backend = check_backend(backend)
-        self.reuse_buffers = bool(reuse_buffers)
-        self.virtual_batch_size = _groups.check_virtual_batch_size(virtual_batch_size)
-        self.renorm = bool(renorm)
-        self.rmax, self.dmax = check_renorm_limits(rmax, dmax)
-        self._groups: _groups.GroupPass | None = None
-        self._buffers = OutputBuffers()
-        self.initial_running_mean, self.initial_running_var = (
-            check_initial_running_stats(initial_running_mean, initial_running_var)
-        )
-        c = self.num_features
-        self.gamma: np.ndarray | None = np.ones(c, self.dtype) if affine else None
-        self.beta: np.ndarray | None = np.zeros(c, self.dtype) if affine else None
+    def __init__(self, num_features: int, **options: Any) -> None:
+        unknown = sorted(set(options) - OPTION_NAMES)
+        if unknown:
+            raise TypeError(
+                f"BatchNorm got unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"the options are {', '.join(sorted(OPTION_NAMES - {'num_features'}))}."
+            )
+        opts = LayerOptions(num_features, **options)
+        object.__setattr__(self, "options", opts)
+        self.rmax, self.dmax = opts.rmax, opts.dmax
+        c = opts.num_features
+        self.gamma: np.ndarray | None = np.ones(c, opts.dtype) if opts.affine else None
+        self.beta: np.ndarray | None = np.zeros(c, opts.dtype) if opts.affine else None
         self.grad_gamma: np.ndarray | None = None
         self.grad_beta: np.ndarray | None = None
-        self.running_mean = np.empty(c, self.dtype)
-        self.running_var = np.empty(c, self.dtype)
+        self.running_mean = np.empty(c, opts.dtype)
+        self.running_var = np.empty(c, opts.dtype)
         self.num_batches_tracked = 0
         self.num_values_seen = 0
         self.reset_running_stats()
         self.use_batch_stats = True
         self.update_running_stats = True
         self.trainable = True
+        self._buffers = OutputBuffers()
         self._cache: F.Cache | None = None
+        self._groups: ghost.GroupPass | None = None
         self._eval_input: np.ndarray | None = None
+
+    # -- options ----------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # Called only for names that are not instance attributes: the options.
+        if name in OPTION_NAMES:
+            return getattr(self.__dict__["options"], name)
+        raise AttributeError(
+            f"{type(self).__name__!r} object has no attribute {name!r}"
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in OPTION_NAMES and name not in ("rmax", "dmax"):
+            if name in _FIXED_OPTIONS:
+                raise AttributeError(
+                    f"{name} is fixed when the layer is built (the state depends on "
+                    f"it); build a new layer: BatchNorm(**{{**layer.config(), "
+                    f"{name!r}: {value!r}}})."
+                )
+            value = dataclasses.replace(self.options, **{name: value})
+            name = "options"
+        object.__setattr__(self, name, value)
 
     # -- construction ---------------------------------------------------------
     @classmethod
@@ -205,7 +149,7 @@ class BatchNorm:
         >>> BatchNorm(**BatchNorm.from_preset("keras", 2).config()).eps
         0.001
         """
-        return _layer_options.config(self)
+        return {**self.options.config(), "rmax": self.rmax, "dmax": self.dmax}
 
     # -- modes ------------------------------------------------------------------
     def train(self) -> BatchNorm:
@@ -238,12 +182,23 @@ class BatchNorm:
 
     def forward(self, x: Any) -> np.ndarray:
         """Normalize ``x`` according to the mode; see the class docstring."""
-        x, _ = check_input(x, self.axis)
+        x, _ = check_input(x, self.options.axis)
         self._check_channels(x)
         if not (self.use_batch_stats or self.update_running_stats):
             return self._forward_eval(x)
-        if self.virtual_batch_size is not None or self.renorm:
-            y, groups = _groups.train_pass(self, x, self._buffer("y", x))
+        if self.options.virtual_batch_size is not None or self.options.renorm:
+            y, groups, running = ghost.train_pass(
+                self.options,
+                self.gamma,
+                self.beta,
+                self._running_state(),
+                x,
+                self._buffer("y", x),
+                rmax=self.rmax,
+                dmax=self.dmax,
+                update_running_stats=self.update_running_stats,
+            )
+            self._set_running_state(running)
             if self.use_batch_stats:
                 self._remember(groups=groups)
                 return y
@@ -252,15 +207,15 @@ class BatchNorm:
             x,
             self.gamma,
             self.beta,
-            axis=self.axis,
-            eps=self.eps,
-            eps_placement=self.eps_placement,
-            ddof=self.ddof,
-            backend=self.backend,
+            axis=self.options.axis,
+            eps=self.options.eps,
+            eps_placement=self.options.eps_placement,
+            ddof=self.options.ddof,
+            backend=self.options.backend,
             out=self._buffer("y", x),
         )
         if self.update_running_stats:
-            _layer_state.absorb(self, cache.moments)
+            self.absorb_moments(cache.moments)
         if self.use_batch_stats:
             self._remember(cache=cache)
             return y
@@ -275,10 +230,10 @@ class BatchNorm:
             self.beta,
             self.running_mean,
             self.running_var,
-            axis=self.axis,
-            eps=self.eps,
-            eps_placement=self.eps_placement,
-            backend=self.backend,
+            axis=self.options.axis,
+            eps=self.options.eps,
+            eps_placement=self.options.eps_placement,
+            backend=self.options.backend,
             out=self._buffer("y", x),
         )
         self._remember(eval_input=np.asarray(x))
@@ -288,7 +243,7 @@ class BatchNorm:
         self,
         *,
         cache: F.Cache | None = None,
-        groups: _groups.GroupPass | None = None,
+        groups: ghost.GroupPass | None = None,
         eval_input: np.ndarray | None = None,
     ) -> None:
         """What :meth:`backward` needs from the forward pass that just succeeded."""
@@ -296,15 +251,20 @@ class BatchNorm:
 
     def _buffer(self, name: str, like: np.ndarray, *inputs: Any) -> np.ndarray | None:
         """Reused output array ``name`` (:class:`OutputBuffers`); None by default."""
-        return self._buffers.get(name, like, *inputs) if self.reuse_buffers else None
+        return (
+            self._buffers.get(name, like, *inputs)
+            if self.options.reuse_buffers
+            else None
+        )
 
     def _check_channels(self, x: np.ndarray) -> None:
-        if x.shape[self.axis] != self.num_features:
+        axis, num_features = self.options.axis, self.options.num_features
+        if x.shape[axis] != num_features:
             raise ValueError(
-                f"x has {x.shape[self.axis]} channels on axis {self.axis} (shape "
-                f"{x.shape}); this layer has num_features={self.num_features}. Check "
+                f"x has {x.shape[axis]} channels on axis {axis} (shape "
+                f"{x.shape}); this layer has num_features={num_features}. Check "
                 "the channel axis (axis=-1 for channels-last) or build the layer "
-                f"with num_features={x.shape[self.axis]}."
+                f"with num_features={x.shape[axis]}."
             )
 
     def backward(self, dy: Any) -> np.ndarray:
@@ -320,11 +280,11 @@ class BatchNorm:
         """
         if self._groups is not None:
             out = self._buffer("dx", self._groups.x, np.asarray(dy))
-            dx, dgamma, dbeta = _groups.backward_pass(self, self._groups, dy, out)
+            dx, dgamma, dbeta = ghost.backward_pass(self.options, self._groups, dy, out)
         elif self._cache is not None:
             out = self._buffer("dx", self._cache.x, np.asarray(dy))
             dx, dgamma, dbeta = F.backward(
-                dy, self._cache, backend=self.backend, out=out
+                dy, self._cache, backend=self.options.backend, out=out
             )
         elif self._eval_input is not None:
             dx, dgamma, dbeta = F.backward_eval(
@@ -333,10 +293,10 @@ class BatchNorm:
                 self.gamma,
                 self.running_mean,
                 self.running_var,
-                axis=self.axis,
-                eps=self.eps,
-                eps_placement=self.eps_placement,
-                backend=self.backend,
+                axis=self.options.axis,
+                eps=self.options.eps,
+                eps_placement=self.options.eps_placement,
+                backend=self.options.backend,
                 out=self._buffer("dx", self._eval_input, np.asarray(dy)),
             )
         else:
@@ -344,9 +304,9 @@ class BatchNorm:
                 "backward() called before forward(): run layer(x) first, then "
                 "layer.backward(dy) with dy shaped like the output."
             )
-        if self.affine:
-            self.grad_gamma = dgamma.astype(self.dtype)
-            self.grad_beta = dbeta.astype(self.dtype)
+        if self.options.affine:
+            self.grad_gamma = dgamma.astype(self.options.dtype)
+            self.grad_beta = dbeta.astype(self.options.dtype)
         return dx
 
     def parameters(self) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
@@ -354,7 +314,7 @@ class BatchNorm:
 
         Optimizers update ``value`` in place.
         """
-        if not (self.affine and self.trainable):
+        if not (self.options.affine and self.trainable):
             return
         assert self.gamma is not None and self.beta is not None
         yield "gamma", self.gamma, self.grad_gamma
@@ -363,11 +323,56 @@ class BatchNorm:
     # -- state ------------------------------------------------------------------
     def reset_running_stats(self) -> None:
         """Running statistics back to their initial values; counters to 0."""
-        _layer_state.reset_running_stats(self)
+        c, dtype = self.options.num_features, self.options.dtype
+        self._set_running_state(
+            RunningState(
+                np.full(c, self.options.initial_running_mean, dtype),
+                np.full(c, self.options.initial_running_var, dtype),
+                0,
+                0,
+            )
+        )
+
+    def absorb_moments(self, moments: Moments) -> None:
+        """Fold one batch's ``moments`` into the running statistics, all or nothing.
+
+        The layer's ``momentum``, ``running_var_kind`` and ``on_nonfinite`` apply;
+        a skipped batch changes nothing (not even the counters).
+        """
+        self._set_running_state(
+            self._running_state().absorbed(
+                moments,
+                momentum=self.options.momentum,
+                running_var_kind=self.options.running_var_kind,
+                on_nonfinite=self.options.on_nonfinite,
+            )
+        )
+
+    def _running_state(self) -> RunningState:
+        return RunningState(
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.num_values_seen,
+        )
+
+    def _set_running_state(self, state: RunningState) -> None:
+        self.running_mean, self.running_var = state.mean, state.var
+        self.num_batches_tracked = state.num_batches_tracked
+        self.num_values_seen = state.num_values_seen
 
     def state_dict(self) -> dict[str, Any]:
         """Copies of γ, β (when affine), running statistics and counters."""
-        return _layer_state.state_dict(self)
+        state: dict[str, Any] = {
+            "running_mean": self.running_mean.copy(),
+            "running_var": self.running_var.copy(),
+            "num_batches_tracked": self.num_batches_tracked,
+            "num_values_seen": self.num_values_seen,
+        }
+        if self.gamma is not None and self.beta is not None:
+            state["gamma"] = self.gamma.copy()
+            state["beta"] = self.beta.copy()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace the state with ``state``; on any error the layer is unchanged.
@@ -378,7 +383,22 @@ class BatchNorm:
             Missing or unknown keys, wrong shapes, non-floating arrays, negative or
             non-finite running variance, negative counters.
         """
-        _layer_state.load_state_dict(self, state)
+        arrays, counters = check_state_dict(
+            state,
+            self.options.num_features,
+            self.options.dtype,
+            affine=self.options.affine,
+        )
+        if self.options.affine:
+            self.gamma, self.beta = arrays["gamma"], arrays["beta"]
+        self._set_running_state(
+            RunningState(
+                arrays["running_mean"],
+                arrays["running_var"],
+                counters["num_batches_tracked"],
+                counters["num_values_seen"],
+            )
+        )
         self._cache = self._eval_input = self._groups = None
 
     def __repr__(self) -> str:
@@ -390,8 +410,9 @@ class BatchNorm:
             else f"use_batch_stats={self.use_batch_stats}, "
             f"update_running_stats={self.update_running_stats}"
         )
+        o = self.options
         return (
-            f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
-            f"momentum={self.momentum}, running_var_kind={self.running_var_kind!r}, "
-            f"affine={self.affine}, mode={mode})"
+            f"BatchNorm({o.num_features}, axis={o.axis}, eps={o.eps}, "
+            f"momentum={o.momentum}, running_var_kind={o.running_var_kind!r}, "
+            f"affine={o.affine}, mode={mode})"
         )

@@ -10,7 +10,8 @@ and merge partial results with the update of Chan, Golub and LeVeque (1979):
     mean = mean_a + δ · n_b / n,
     M2 = M2_a + M2_b + δ² · n_a · n_b / n.
 
-Means and ``M2`` are float64 whatever the input dtype.
+Means and ``M2`` are float64 whatever the input dtype. Also :class:`Cache`, the
+training forward pass's record (public as :class:`batchnorm.functional.Cache`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from batchnorm._validation import check_input
-from batchnorm.kernels import _numpy
+from batchnorm.kernels import reference
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Moments:
             The channel axis; negative values count from the end.
         """
         x, axis = check_input(x, axis)
-        return cls(*_numpy.batch_moments(x, axis))
+        return cls(*reference.batch_moments(x, axis))
 
     @property
     def num_channels(self) -> int:
@@ -110,3 +111,51 @@ class Moments:
                 "ddof=0."
             )
         return self.m2 / (self.count - ddof)
+
+
+@dataclass(frozen=True)
+class Cache:
+    """What ``backward`` needs from ``forward_train`` (:mod:`batchnorm.functional`).
+
+    ``x`` is a reference to the input, not a copy (the backward pass recomputes
+    ``x̂`` from it instead of storing a second array of the input's size): do not
+    modify ``x`` in place between the forward and the backward pass.
+
+    Attributes
+    ----------
+    x : ndarray, shape (N, C, *)
+    moments : Moments
+        Exact ``(count, mean, M2)`` of the batch, float64.
+    inv_std : ndarray, shape (C,), float64
+        ``1/√(var + ε)`` (or ``1/(√var + ε)`` for ``eps_placement="outside"``), where
+        ``var = M2 / (m − ddof)``.
+    gamma : ndarray of shape (C,) or None
+    axis, eps, eps_placement, ddof
+        The options of the forward pass.
+    """
+
+    x: np.ndarray
+    moments: Moments
+    inv_std: np.ndarray
+    gamma: np.ndarray | None
+    axis: int
+    eps: float
+    eps_placement: str
+    ddof: int
+
+    __module__ = "batchnorm.functional"  # its public name, in reprs and pickles
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Per-channel batch mean, float64, shape (C,)."""
+        return self.moments.mean
+
+    @property
+    def var(self) -> np.ndarray:
+        """Per-channel biased batch variance ``M2 / m``, float64, shape (C,)."""
+        return self.moments.var(0)
+
+    @property
+    def count(self) -> int:
+        """Values per channel, ``m = N · ∏ spatial``."""
+        return self.moments.count

@@ -15,7 +15,7 @@ training output is the eval output. ``rmax = 1, dmax = 0`` is plain batch norm.
 
 Backward: r and d are constants (stop-gradient, as in the paper), so
 ``dx`` is the ordinary batch-norm gradient with γ replaced by ``γ · r`` (see
-:mod:`batchnorm.kernels._numpy` for its derivation), ``dγ = r · Σ dy · x̂ + d · Σ dy``
+:mod:`batchnorm.kernels.reference` for its derivation), ``dγ = r · Σ dy · x̂ + d · Σ dy``
 and ``dβ = Σ dy``.
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm import _backend
 from batchnorm import functional as F
+from batchnorm import kernels
 from batchnorm._validation import (
     EPS_PLACEMENTS,
     check_channel_vector,
@@ -35,6 +35,9 @@ from batchnorm._validation import (
     check_ddof,
     check_eps,
     check_input,
+    check_out,
+    check_running,
+    training_count_error,
 )
 from batchnorm.moments import Moments
 
@@ -205,23 +208,21 @@ def forward_renorm(
     num_channels = x.shape[axis]
     gamma = check_channel_vector(gamma, "gamma", num_channels, optional=True)
     beta = check_channel_vector(beta, "beta", num_channels, optional=True)
-    running_mean, running_var = F._check_running(
-        running_mean, running_var, num_channels
-    )
+    running_mean, running_var = check_running(running_mean, running_var, num_channels)
     rmax, dmax = check_renorm_limits(rmax, dmax)
     eps = check_eps(eps)
     eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
     ddof = check_ddof(ddof)
-    out = F._check_out(out, x, ("x", x))
+    out = check_out(out, x, ("x", x))
     count = x.size // num_channels if num_channels else 0
     if x.size == 0:
         raise ValueError(
             f"cannot compute batch statistics of an empty batch (x shape {x.shape})."
         )
     if count < 2:
-        raise F._training_count_error(x, axis, count)
-    kernels = _backend.resolve(backend)
-    moments = Moments(*kernels.batch_moments(x, axis))
+        raise training_count_error(x, axis, count)
+    ops = kernels.resolve(backend)
+    moments = Moments(*ops.batch_moments(x, axis))
     inv_std = F.inv_std_of(moments.var(ddof), eps, eps_placement)
     r, d = renorm_factors(
         moments,
@@ -238,7 +239,7 @@ def forward_renorm(
     shift = d if gamma is None else d * gamma.astype(np.float64)
     if beta is not None:
         shift = shift + beta.astype(np.float64)
-    y = kernels.normalize(x, axis, moments.mean, scale, shift, x.dtype, out=out)
+    y = ops.normalize(x, axis, moments.mean, scale, shift, x.dtype, out=out)
     cache = F.Cache(x, moments, inv_std, gain, axis, eps, eps_placement, ddof)
     return y, RenormCache(cache, r, d)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchnorm import data_parallel as dp
+from batchnorm.distributed import data_parallel as dp
 from batchnorm.nn import SGD, Split, cnn, fit, mlp
 
 MPI = pytest.importorskip("mpi4py.MPI")

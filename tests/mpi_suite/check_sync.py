@@ -86,7 +86,7 @@ def test_sync_equals_single_process(
         np.testing.assert_allclose(sync.running_var, single.running_var, rtol=tol)
         assert sync.num_values_seen == single.num_values_seen
         if ran_backward is not None:  # the backward's two halves ran the Numba loops
-            from batchnorm.kernels import _loops
+            from batchnorm.kernels.numba import _loops
 
             halves = [_loops.GRAD_SUMS, _loops.DX] if hi > lo else []
             assert ran_backward == halves, ran_backward

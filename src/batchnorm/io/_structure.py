@@ -25,6 +25,7 @@ from batchnorm.nn.layers import (
     Sigmoid,
     Softmax,
 )
+from batchnorm.nn.walk import children
 
 __all__ = [
     "FormatError",
@@ -152,17 +153,16 @@ def build(spec: Mapping[str, Any]) -> Any:
 
 def layers_of(obj: Any) -> list[Any]:
     """The layers of a network, or ``[obj]`` for a lone BatchNorm."""
-    if isinstance(obj, BatchNorm):
-        return [obj]
-    if isinstance(obj, Sequential):
-        return list(obj.layers)
+    if isinstance(obj, BatchNorm | Sequential):
+        return children(obj)
     raise TypeError(
         f"expected a batchnorm.BatchNorm or a batchnorm.nn.Sequential network; got "
         f"{type(obj).__name__}."
     )
 
 
-def _prefix(obj: Any, index: int) -> str:
+def layer_prefix(obj: Any, index: int) -> str:
+    """The array-name prefix of layer ``index`` of ``obj``: ``"3."``, none alone."""
     return "" if isinstance(obj, BatchNorm) else f"{index}."
 
 
@@ -170,7 +170,7 @@ def arrays_of(obj: Any) -> dict[str, np.ndarray]:
     """Every parameter and running statistic of ``obj`` by array name."""
     arrays: dict[str, np.ndarray] = {}
     for index, layer in enumerate(layers_of(obj)):
-        prefix = _prefix(obj, index)
+        prefix = layer_prefix(obj, index)
         for name, value in _layer_arrays(layer).items():
             arrays[prefix + name] = value
     return arrays
@@ -210,7 +210,7 @@ def fill(
     plan: list[tuple[Any, str, np.ndarray]] = []
     expected_names: set[str] = set()
     for index, layer in enumerate(layers_of(obj)):
-        prefix = _prefix(obj, index)
+        prefix = layer_prefix(obj, index)
         for name, (shape, dtype) in expected_arrays(layer).items():
             key = prefix + name
             expected_names.add(key)
@@ -253,7 +253,7 @@ def fill(
     counts = counters or {}
     for index, layer in enumerate(layers_of(obj)):
         if isinstance(layer, BatchNorm):
-            c = counts.get(_prefix(obj, index), {})
+            c = counts.get(layer_prefix(obj, index), {})
             for key in BN_COUNTERS:
                 count: Any = c.get(key, 0)
                 if isinstance(count, bool) or not isinstance(count, int) or count < 0:
@@ -265,6 +265,6 @@ def fill(
         setattr(layer, name, value)
     for index, layer in enumerate(layers_of(obj)):
         if isinstance(layer, BatchNorm):
-            c = counts.get(_prefix(obj, index), {})
+            c = counts.get(layer_prefix(obj, index), {})
             layer.num_batches_tracked = int(c.get("num_batches_tracked", 0))
             layer.num_values_seen = int(c.get("num_values_seen", 0))

@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm.io._structure import FormatError, Network, describe, fill, layers_of
+from batchnorm.io._atomic import atomic_write
+from batchnorm.io._structure import (
+    FormatError,
+    Network,
+    describe,
+    fill,
+    layer_prefix,
+    layers_of,
+)
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d, GlobalAvgPool, MaxPool2d
 from batchnorm.nn.layers import Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Softmax
@@ -50,10 +58,6 @@ def _torch() -> Any:
     import torch
 
     return torch
-
-
-def _prefix(obj: Any, index: int) -> str:
-    return "" if isinstance(obj, BatchNorm) else f"{index}."
 
 
 def _exported_stats(layer: BatchNorm) -> tuple[np.ndarray, float]:
@@ -78,7 +82,7 @@ def to_state_dict(obj: Any) -> OrderedDict[str, Any]:
     state: OrderedDict[str, Any] = OrderedDict()
     metadata: dict[str, Any] = {"": {"batchnorm": json.dumps(structure_of(obj))}}
     for index, layer in enumerate(layers_of(obj)):
-        p = _prefix(obj, index)
+        p = layer_prefix(obj, index)
         if isinstance(layer, BatchNorm):
             var, eps = _exported_stats(layer)
             if layer.gamma is not None and layer.beta is not None:
@@ -110,6 +114,13 @@ def to_state_dict(obj: Any) -> OrderedDict[str, Any]:
                 state[p + "bias"] = torch.from_numpy(layer.bias.copy())
     state._metadata = metadata  # type: ignore[attr-defined]
     return state
+
+
+def save(obj: Any, path: Any) -> None:
+    """Write :func:`to_state_dict` of ``obj`` to ``path`` (``torch.save``, atomic)."""
+    torch = _torch()
+    state = to_state_dict(obj)
+    atomic_write(path, lambda file: torch.save(state, file))
 
 
 def structure_of(obj: Any) -> dict[str, Any]:
@@ -161,7 +172,7 @@ def load_state_dict(
     counters: dict[str, dict[str, int]] = {}
     layers = layers_of(obj)
     bn_prefixes = {
-        _prefix(obj, i): layer
+        layer_prefix(obj, i): layer
         for i, layer in enumerate(layers)
         if isinstance(layer, BatchNorm)
     }

@@ -36,6 +36,7 @@ from batchnorm.nn.loss import SoftmaxCrossEntropy
 from batchnorm.nn.models import cnn, mlp, paper_mlp
 from batchnorm.nn.optim import SGD, darknet_sgd, seed_sgd, takes_weight_decay
 from batchnorm.nn.train import History, accuracy, fit, statistics_mode
+from batchnorm.nn.walk import batch_norms, replace_batch_norms, walk
 
 __all__ = [
     "SGD",
@@ -54,6 +55,7 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "Split",
     "accuracy",
+    "batch_norms",
     "cnn",
     "darknet_sgd",
     "fit",
@@ -62,8 +64,10 @@ __all__ = [
     "mlp",
     "numerical_gradient",
     "paper_mlp",
+    "replace_batch_norms",
     "seed_sgd",
     "statistics_mode",
     "takes_weight_decay",
     "train_test_split",
+    "walk",
 ]

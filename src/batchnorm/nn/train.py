@@ -19,8 +19,9 @@ import numpy as np
 from batchnorm.functional import NonFiniteStatisticsError
 from batchnorm.nn.data import Split, minibatches
 from batchnorm.nn.loss import SoftmaxCrossEntropy
+from batchnorm.nn.walk import batch_norms
 
-__all__ = ["History", "accuracy", "batch_norm_layers", "fit", "statistics_mode"]
+__all__ = ["History", "accuracy", "fit", "statistics_mode"]
 
 
 class _NonFiniteLoss(FloatingPointError):
@@ -69,12 +70,6 @@ class History:
         return float(np.diff(tail).std())
 
 
-def batch_norm_layers(model: Any) -> list[Any]:
-    """The layers of ``model`` (a Sequential or a single layer) that have BN modes."""
-    layers = getattr(model, "layers", [model])
-    return [layer for layer in layers if hasattr(layer, "use_batch_stats")]
-
-
 @contextmanager
 def statistics_mode(
     model: Any, *, use_batch_stats: bool, update_running_stats: bool
@@ -84,7 +79,7 @@ def statistics_mode(
     ``use_batch_stats=True, update_running_stats=False`` normalizes a probe batch
     with its own statistics without touching the running ones.
     """
-    layers = batch_norm_layers(model)
+    layers = batch_norms(model)
     saved = [(lay.use_batch_stats, lay.update_running_stats) for lay in layers]
     try:
         for layer in layers:

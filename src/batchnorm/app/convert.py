@@ -74,7 +74,7 @@ def read_any(
 
 
 def write_any(obj: Any, path: Path, args: argparse.Namespace) -> None:
-    from batchnorm.io import _atomic, darknet, native
+    from batchnorm.io import darknet, native
 
     suffix = _suffix(path, _WRITE, "output")
     shape = None
@@ -89,12 +89,9 @@ def write_any(obj: Any, path: Path, args: argparse.Namespace) -> None:
 
         onnx_export.export(obj, path, shape)
     else:
-        import torch
-
         from batchnorm.io import pytorch
 
-        state = pytorch.to_state_dict(obj)
-        _atomic.atomic_write(path, lambda file: torch.save(state, file))
+        pytorch.save(obj, path)
 
 
 def run(args: argparse.Namespace) -> int:

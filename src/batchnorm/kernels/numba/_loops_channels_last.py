@@ -1,6 +1,6 @@
 """Channels-last loops of the Numba backend: the (M, W) row bodies of the launcher.
 
-:func:`batchnorm.kernels._loops.launch` runs these on channels-last arrays, ``M``
+:func:`batchnorm.kernels.numba._loops.launch` runs these on channels-last arrays, ``M``
 rows of ``W`` values (one per channel, or ``k`` rows folded side by side), each
 call on the rows lo:hi of one chunk. The reductions keep float64 partial sums
 per column and add four rows a sweep, taken a quarter of the range apart (eight
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchnorm.kernels._jit import _helper, _helper_exact
+from batchnorm.kernels.numba._jit import _helper, _helper_exact
 
 
 @_helper
@@ -88,19 +88,15 @@ def _reduce_mc_rows(moments, dy, x, v0, lo, hi, s, q):
     false (GRAD_SUMS): ``Σ dy``, ``Σ dy·(x − v0)``. Each sweep adds four rows, so
     the float64 partials are loaded and stored once per four values: rows
     ``lo + i`` and the rows a quarter, a half and three quarters of the range
-    further, then the up to three rows left over. Four rows side by side read
-    memory as four linear streams; four consecutive rows under a page long
-    share pages, the hardware prefetcher loses track of them, and they streamed
-    DRAM at a third of a plain read's speed (measured; see
-    benchmarks/RESULTS.md).
+    further, then the up to three rows left over. Four rows that far apart are
+    four linear streams the hardware prefetcher follows; four consecutive rows
+    under a page long share pages, and the prefetcher loses track of them.
 
     Moments on rows of ``WIDE_ROW`` values or more first sweep eight rows, an
     eighth of the range apart (the pivot and the partials loaded once per eight
-    values), and the rows left over go through the four-row sweep: 0.74-0.95 x
-    the time of four-row sweeps at 1 thread over 1024-4096 columns, from L3 or
-    DRAM (0.61-1.04 x at 2 threads), where rows of 512 columns took 1.2-1.3 x
-    (benchmarks/RESULTS.md). Not for the gradient sums: eight rows of two
-    inputs are sixteen streams (1.2-1.8 x).
+    values), and the rows left over go through the four-row sweep. Narrower rows
+    keep the four-row sweep (eight cost more there), and so do the gradient sums:
+    eight rows of two inputs are sixteen streams. Measurements: docs/KERNELS.md.
     """
     done = lo
     if moments and x.shape[1] >= WIDE_ROW:
@@ -126,13 +122,11 @@ def _reduce_mc_rows(moments, dy, x, v0, lo, hi, s, q):
 #: Rows from this many columns on no longer fit the 32 KiB L1 data cache with
 #: their float64 per-channel vectors. ``_dx_mc_rows`` takes them two at a time:
 #: its four vectors alone fill L1 at 1024 columns, and a pair of rows loads each
-#: of their values once (measured on rows from L3 and DRAM: 0.73-0.76 x the time
-#: at 1024 and 2048 columns; at 256 and 512 columns, where vectors and rows fit
-#: in L1, pairs took 1.0-1.2 x). ``normalize`` gets its shift, and then its
-#: mean too, as float32 when exact and the tensor streams from memory (see
-#: ``_normalize_mc_rows``; under this width the check costs more than it saves).
-#: Moments sweep eight rows at a time from this width on (see
-#: ``_reduce_mc_rows``).
+#: of their values once (on narrower rows vectors and rows fit in L1, and pairs
+#: gain nothing). ``normalize`` gets its shift, and then its mean too, as float32
+#: when exact and the tensor streams from memory (see ``_normalize_mc_rows``;
+#: under this width the check costs more than it saves). Moments sweep eight
+#: rows at a time from this width on (see ``_reduce_mc_rows``).
 WIDE_ROW = 1024
 
 
@@ -149,7 +143,8 @@ def _normalize_mc_rows(x, out, mean, scale, shift, narrow, lo, hi):
     reloaded on every row; each float32 vector leaves 4 KiB more to the streams.
     Only on rows from memory: on rows the caches hold, the loop is bound by its
     arithmetic, and converting the float32 vectors costs more than it saves, so
-    the caller narrows them only on large tensors (``_numba.NARROW_MIN_BYTES``).
+    the caller narrows them only on large tensors
+    (``batchnorm.kernels.numba.NARROW_MIN_BYTES``).
     """
     if shift.size != 0:
         _affine_rows(x, out, mean, scale, shift, lo, hi)
@@ -179,8 +174,9 @@ def _dx_mc_rows(dy, x, out, mean, slope, dbeta_mean, gain, lo, hi):
     """``dx = ((x − mean)·slope + dy − dbeta_mean)·gain`` on rows lo:hi.
 
     From ``WIDE_ROW`` columns on, rows ``lo + i`` and ``lo + pairs + i``
-    share a sweep (half the range apart: as fast as adjacent rows at 1024
-    columns, and two independent streams); each value is the same expression.
+    share a sweep (half the range apart: two independent streams), so each
+    per-channel value is loaded once for two rows; each value is the same
+    expression.
     """
     channels = x.shape[1]
     pairs = (hi - lo) // 2 if channels >= WIDE_ROW else 0

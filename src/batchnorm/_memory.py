@@ -1,4 +1,7 @@
-"""A cache of large output blocks, so that a fresh output does not cost page faults.
+"""Output memory: cached blocks for large kernel outputs, and the arrays a layer reuses.
+
+The block cache:
+
 
 A new array of tens of megabytes comes from ``mmap``: the operating system maps
 and zeroes every page on first touch, and ``free`` unmaps it again (glibc never
@@ -177,3 +180,27 @@ def release_buffers() -> int:
         _idle.clear()
         _idle_bytes = 0
     return released
+
+
+class OutputBuffers:
+    """Named output arrays, each reused while it fits the next call's output."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, like: np.ndarray, *inputs: Any) -> np.ndarray:
+        """The array ``name``, shaped like ``like``: the kept one, or a new one.
+
+        Replaced when its shape or dtype no longer fits, or when it shares memory
+        with ``like`` or ``inputs`` (a caller feeding an earlier output back in).
+        """
+        buffer = self._arrays.get(name)
+        if (
+            buffer is None
+            or buffer.shape != like.shape
+            or buffer.dtype != like.dtype
+            or any(np.shares_memory(buffer, a) for a in (like, *inputs))
+        ):
+            buffer = np.empty(like.shape, like.dtype)
+            self._arrays[name] = buffer
+        return buffer

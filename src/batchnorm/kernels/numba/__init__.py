@@ -1,18 +1,19 @@
 """Fast kernels in Numba: the reference's operations, fused and parallel.
 
-Same functions and arguments as :mod:`batchnorm.kernels._numpy` and the same
+Same functions and arguments as :mod:`batchnorm.kernels.reference` and the same
 results to float64 rounding (the tests hold them equal). What is covered:
 
 - float32 and float64 ``x`` (and ``dy`` of the same dtype) that is C-contiguous,
   with the channel axis anywhere: ``x`` is viewed without a copy as (A, C, S)
   (NCHW is ``(N, C, H·W)``) or, when nothing follows the channel axis, as
-  channels-last ``(M, C)``. The loops are in :mod:`batchnorm.kernels._loops` and
-  :mod:`batchnorm.kernels._loops_channels_last`.
+  channels-last ``(M, C)``. The loops are in
+  :mod:`batchnorm.kernels.numba._loops` and
+  :mod:`batchnorm.kernels.numba._loops_channels_last`.
 - Everything else (float16, bfloat16, strided or Fortran-ordered views, an ``out``
   of another dtype, empty arrays) is computed by the NumPy reference: slower,
   never a different answer.
 
-Threads (:mod:`batchnorm.kernels._threads`, re-exported here):
+Threads (:mod:`batchnorm.kernels.numba._threads`, re-exported here):
 :func:`set_num_threads`, else ``$BATCHNORM_NUM_THREADS``, else Numba's
 ``NUMBA_NUM_THREADS`` (the number of cores). Tensors under ``PARALLEL_MIN_SIZE``
 values run on one thread, where a parallel launch costs more than it saves, and
@@ -34,16 +35,19 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm import _pool
-from batchnorm.kernels import _loops, _numpy
-from batchnorm.kernels._loops_channels_last import WIDE_ROW
-from batchnorm.kernels._threads import (
+from batchnorm import _memory
+from batchnorm.kernels import reference
+from batchnorm.kernels.numba import _loops
+from batchnorm.kernels.numba._loops_channels_last import WIDE_ROW
+from batchnorm.kernels.numba._threads import (
     PARALLEL_MIN_SIZE,
     _chunks,
     get_num_threads,
     set_num_threads,
 )
-from batchnorm.kernels._threads import _max_threads as _max_threads  # bench, tests
+from batchnorm.kernels.numba._threads import (
+    _max_threads as _max_threads,  # bench, tests
+)
 
 __all__ = [
     "PARALLEL_MIN_SIZE",
@@ -96,12 +100,12 @@ def _in_place(out: np.ndarray | None, dtype: np.dtype) -> bool:
 def _target(x3: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """Where the loops write: ``out`` itself when it is C-contiguous and of x's dtype.
 
-    Otherwise a new array from :mod:`batchnorm._pool`, which reuses the blocks of
+    Otherwise a new array from :mod:`batchnorm._memory`, which reuses the blocks of
     large outputs the caller has let go of (no page faults on every call).
     """
     if out is not None and _in_place(out, x3.dtype):
         return out.reshape(x3.shape)
-    return _pool.empty(x3.shape, x3.dtype)
+    return _memory.empty(x3.shape, x3.dtype)
 
 
 def _result(
@@ -188,12 +192,9 @@ def _last_level_cache_bytes(
 #: ``_launch_vectors``) only on an ``x`` of this many bytes or more: with ``out``,
 #: half the last-level cache or more, which other cores and programs share, so
 #: the rows come at least partly from memory from call to call. There the smaller
-#: vectors leave more of L1 to the rows (0.69-0.79 x the time at 1 thread,
-#: 0.82-1.02 x at 2, at 4096-16384 rows of 1024 values); on data the caches hold,
-#: the loop is bound by its arithmetic, and the conversions of float32 vectors
-#: cost more than they save (1.06-1.52 x at 256-1024 rows), as does the exactness
-#: check on a small batch (13 µs). At 2048 rows, the threshold here, it went
-#: either way (0.84-1.31 x). See benchmarks/RESULTS.md.
+#: vectors leave more of L1 to the rows; on data the caches hold, the loop is
+#: bound by its arithmetic, and converting the float32 vectors (and checking that
+#: they are exact) costs more than it saves. Measurements: docs/KERNELS.md.
 NARROW_MIN_BYTES = _last_level_cache_bytes() // 4
 
 
@@ -289,7 +290,7 @@ def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray
     """Shifted one-pass ``(count, mean, M2)`` per channel, float64 partials."""
     x3 = _fast_view(x, axis)
     if x3 is None:
-        return _numpy.batch_moments(x, axis)
+        return reference.batch_moments(x, axis)
     outer, _, inner = x3.shape
     n = _chunks(x.size)
     if inner == 1:
@@ -314,7 +315,7 @@ def normalize(
     """``y = (x − mean) · scale + shift`` per channel in one pass (mean first)."""
     x3 = _fast_view(x, axis)
     if x3 is None or np.dtype(out_dtype) != x.dtype:
-        return _numpy.normalize(x, axis, mean, scale, shift, out_dtype, out=out)
+        return reference.normalize(x, axis, mean, scale, shift, out_dtype, out=out)
     shift = np.zeros(x3.shape[1]) if shift is None else shift
     y3 = _target(x3, out)
     n = _chunks(x.size)
@@ -363,7 +364,7 @@ def _grad_sums(
     return sum_dy_xmu * _vec(inv_std), dbeta
 
 
-@_numpy._quiet
+@reference._quiet
 def _apply(
     dy3: np.ndarray,
     x3: np.ndarray,
@@ -380,7 +381,7 @@ def _apply(
 ) -> np.ndarray:
     """``dx`` of the views from the sums, in one pass, shaped ``shape``."""
     inv_std = _vec(inv_std)
-    gain = _numpy.channel_gain(inv_std, gamma)
+    gain = reference.channel_gain(inv_std, gamma)
     dx3 = _target(x3, out)
     slope = _vec(inv_std * (k * dgamma))
     _run(_loops.DX, n, x3, dy3, dx3, _vec(mean), slope, _vec(dbeta / count), gain)
@@ -393,7 +394,7 @@ def grad_sums(
     """``(Σ dy·x̂, Σ dy)`` per channel in one pass: ``inv_std·Σ dy·(x − mean)``."""
     views = _pair_views(dy, x, axis)
     if views is None:
-        return _numpy.grad_sums(dy, x, axis, mean, inv_std)
+        return reference.grad_sums(dy, x, axis, mean, inv_std)
     return _grad_sums(*views, mean, inv_std, _chunks(x.size))
 
 
@@ -416,7 +417,7 @@ def backward_apply(
     """
     views = _pair_views(dy, x, axis)
     if views is None:
-        return _numpy.backward_apply(
+        return reference.backward_apply(
             dy, x, axis, mean, inv_std, gamma, k, count, dgamma, dbeta, out=out
         )
     dy3, x3 = views
@@ -440,7 +441,7 @@ def backward_train(
     """Exact training-mode gradient: one reduction pass, then one pass for ``dx``."""
     views = _pair_views(dy, x, axis)
     if views is None:
-        return _numpy.backward_train(
+        return reference.backward_train(
             dy, x, axis, mean, inv_std, gamma, k, count, out=out
         )
     dy3, x3 = views
@@ -450,7 +451,7 @@ def backward_train(
     return dx, dgamma, dbeta
 
 
-@_numpy._quiet
+@reference._quiet
 def backward_eval(
     dy: np.ndarray,
     x: np.ndarray,
@@ -463,9 +464,9 @@ def backward_eval(
     """Eval-mode gradient: one reduction pass, then ``dx = dy · γ · inv_std``."""
     views = _pair_views(dy, x, axis)
     if views is None:
-        return _numpy.backward_eval(dy, x, axis, mean, inv_std, gamma, out=out)
+        return reference.backward_eval(dy, x, axis, mean, inv_std, gamma, out=out)
     dgamma, dbeta = _grad_sums(*views, mean, inv_std, _chunks(x.size))
-    gain = _numpy.channel_gain(_vec(inv_std), gamma)
+    gain = reference.channel_gain(_vec(inv_std), gamma)
     zeros = np.zeros(x.shape[axis])
     dx = normalize(dy, axis, zeros, gain, None, x.dtype, out=out)
     return dx, dgamma, dbeta

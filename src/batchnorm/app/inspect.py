@@ -66,8 +66,8 @@ def health(layer: Any) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from batchnorm.app.convert import read_any
     from batchnorm.io import FormatError
-    from batchnorm.io._cli_convert import read_any
     from batchnorm.io._structure import layers_of
     from batchnorm.layer import BatchNorm
 

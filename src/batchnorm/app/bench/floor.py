@@ -4,14 +4,14 @@ Batch normalization is memory-bound, so the fastest any implementation can be is
 the time to stream its data once per required pass. These kernels do exactly that
 traffic with trivial arithmetic, on flat C-contiguous arrays, split into
 ``num_chunks`` contiguous ranges (one per thread) and compiled serial and parallel
-(:mod:`batchnorm.kernels._jit`) like the real kernels in
-:mod:`batchnorm.kernels._loops`:
+(:mod:`batchnorm.kernels.numba._jit`) like the real kernels in
+:mod:`batchnorm.kernels.numba._loops`:
 
 - ``forward_train``: :data:`read` ``x`` (statistics), then :data:`copy` ``x → y``;
 - ``forward_eval``: :data:`copy` ``x → y``;
 - ``backward``: :data:`read2` ``x, dy`` (reductions), then :data:`add` ``x + dy → dx``.
 
-Used only by :mod:`batchnorm.bench`.
+Used only by :mod:`batchnorm.app.bench`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import serial_and_parallel
+from batchnorm.kernels.numba._jit import serial_and_parallel
 
 
 @serial_and_parallel(fastmath=True)

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from batchnorm._layout import channel_shape, reduce_axes
+from batchnorm.kernels._layout import channel_shape, reduce_axes
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 

@@ -7,11 +7,11 @@ reaches the running statistics. Public through :mod:`batchnorm.functional`.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from batchnorm._cache import Cache
 from batchnorm._validation import (
     ON_NONFINITE,
     RUNNING_VAR_KINDS,
@@ -19,15 +19,61 @@ from batchnorm._validation import (
     check_momentum,
     check_running,
 )
-from batchnorm.moments import Moments
+from batchnorm.moments import Cache, Moments
 
-__all__ = ["NonFiniteStatisticsError", "update_running_stats"]
+__all__ = ["NonFiniteStatisticsError", "RunningState", "update_running_stats"]
 
 
 class NonFiniteStatisticsError(FloatingPointError, ValueError):
     """A batch produced NaN or infinite statistics; running statistics were kept."""
 
     __module__ = "batchnorm.functional"  # its public name, in tracebacks too
+
+
+@dataclass(frozen=True)
+class RunningState:
+    """A layer's running statistics and their counters, as one value."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    num_batches_tracked: int
+    num_values_seen: int
+
+    def absorbed(
+        self,
+        moments: Moments,
+        *,
+        momentum: float | None,
+        running_var_kind: str,
+        on_nonfinite: str,
+    ) -> RunningState:
+        """The state after one batch's ``moments``; ``self`` for a skipped batch.
+
+        :func:`update_running_stats` decides what is non-finite (batch statistics,
+        or results that overflow the parameter dtype); ``on_nonfinite`` decides
+        between raising and skipping the batch with a warning.
+        """
+        try:
+            mean, var = update_running_stats(
+                self.mean,
+                self.var,
+                moments,
+                momentum=momentum,
+                running_var_kind=running_var_kind,
+                num_values_seen=self.num_values_seen,
+                on_nonfinite="raise",
+            )
+        except NonFiniteStatisticsError as error:
+            if on_nonfinite == "raise":
+                raise
+            warnings.warn(str(error), RuntimeWarning, stacklevel=4)
+            return self
+        return RunningState(
+            mean,
+            var,
+            self.num_batches_tracked + 1,
+            self.num_values_seen + moments.count,
+        )
 
 
 def update_running_stats(

@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm import _backend, _layer_state
 from batchnorm import functional as F
-from batchnorm._validation import check_input
-from batchnorm.kernels._numpy import channel_gain
+from batchnorm import kernels
+from batchnorm._validation import check_dy, check_input
 from batchnorm.layer import BatchNorm
 from batchnorm.moments import Moments
 
@@ -230,34 +229,20 @@ class SyncBatchNorm(BatchNorm):
                 "or normalize with the running statistics (layer.eval())."
             )
         if self.update_running_stats:
-            _layer_state.absorb(self, total)
+            self.absorb_moments(total)
         if not self.use_batch_stats:
             return self._forward_eval(x)
-        inv_std = F.inv_std_of(total.var(self.ddof), self.eps, self.eps_placement)
-        gamma = self.gamma
-        scale = channel_gain(inv_std, gamma)
-        if x.size:
-            kernels = _backend.resolve(self.backend)
-            y = kernels.normalize(
-                x,
-                self.axis % x.ndim,
-                total.mean,
-                scale,
-                self.beta,
-                x.dtype,
-                out=self._buffer("y", x),
-            )
-        else:
-            y = np.empty(x.shape, x.dtype)
-        self._cache = F.Cache(
+        y, self._cache = F.forward_from_moments(
             x,
             total,
-            inv_std,
-            gamma,
-            self.axis % x.ndim,
-            self.eps,
-            self.eps_placement,
-            self.ddof,
+            self.gamma,
+            self.beta,
+            axis=self.options.axis,
+            eps=self.options.eps,
+            eps_placement=self.options.eps_placement,
+            ddof=self.options.ddof,
+            backend=self.options.backend,
+            out=self._buffer("y", x),
         )
         self._eval_input = None
         return y
@@ -277,13 +262,13 @@ class SyncBatchNorm(BatchNorm):
             )
         x, axis = cache.x, cache.axis
         try:
-            dy = F._check_dy(dy, x)
+            dy = check_dy(dy, x)
         except (TypeError, ValueError):
             self._send_marker(_INVALID, "backward")
             raise
-        kernels = _backend.resolve(self.backend)
+        ops = kernels.resolve(self.backend)
         if x.size:
-            dgamma, dbeta = kernels.grad_sums(dy, x, axis, cache.mean, cache.inv_std)
+            dgamma, dbeta = ops.grad_sums(dy, x, axis, cache.mean, cache.inv_std)
         else:
             dgamma, dbeta = np.zeros(c), np.zeros(c)
         payload = np.concatenate([[_BACKWARD], dbeta, dgamma])
@@ -296,7 +281,7 @@ class SyncBatchNorm(BatchNorm):
             sum_dgamma += row[1 + c :]
         k = F.gradient_k(cache.moments, cache.eps, cache.eps_placement, cache.ddof)
         dx = (
-            kernels.backward_apply(
+            ops.backward_apply(
                 dy,
                 x,
                 axis,

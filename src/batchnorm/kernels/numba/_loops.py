@@ -1,6 +1,6 @@
 """The Numba backend's launcher and its (A, C, S) loops: one fused pass per operation.
 
-Two layouts cover every C-contiguous array (:mod:`batchnorm.kernels._numba` makes
+Two layouts cover every C-contiguous array (:mod:`batchnorm.kernels.numba` makes
 the views and falls back to the reference for everything else):
 
 - ``(A, C, S)``, rows of ``S`` contiguous values per (outer index, channel): NCHW
@@ -11,21 +11,21 @@ the views and falls back to the reference for everything else):
   tiled ``k`` times: the caller folds short rows). Work is split into ranges of
   rows; each range keeps float64 partial sums per column, filled four (moments
   on wide rows: eight) rows at a time. Its row bodies are in
-  :mod:`batchnorm.kernels._loops_channels_last`.
+  :mod:`batchnorm.kernels.numba._loops_channels_last`.
 
 One entry point, :func:`launch`, runs every operation (``MOMENTS``,
 ``NORMALIZE``, ``GRAD_SUMS``, ``DX``, plus ``CHANNELS_LAST`` for the channels-last
 layout) on each of ``num_chunks`` row ranges: one ``prange`` build per dtype
-instead of one per operation and layout, because each parallel build costs
-about a second of cold compilation, mostly fixed (parfor lowering, the gufunc).
+instead of one per operation and layout, because most of what a parallel build
+costs in cold compilation is fixed (parfor lowering, the gufunc).
 ``num_chunks`` is the number of threads to split the work into (never
 ``numba.get_num_threads()`` inside a kernel: that defeats caching). The launcher
 exists twice: ``.parallel`` (``prange``) and ``.serial`` (the same code compiled
 without threads, for tensors too small to pay for a parallel launch). Each range
 goes to :func:`rows`, the dispatch over the row bodies, compiled once per dtype
-and called by address (:mod:`batchnorm.kernels._indirect`): linked into both
-launchers, the bodies were optimized three times, 2.5 s of the cold compilation.
-The compile options and decorators are in :mod:`batchnorm.kernels._jit`.
+and called by address (:mod:`batchnorm.kernels.numba._indirect`): linked into
+both launchers, the bodies would be optimized again in each.
+The compile options and decorators are in :mod:`batchnorm.kernels.numba._jit`.
 
 Statistics are shifted sums in float64: with ``p`` the first value of the channel,
 ``mean = p + Σd/m`` and ``M2 = Σd² − (Σd)²/m`` for ``d = x − p``. Because ``p`` is
@@ -45,15 +45,17 @@ import numba
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels import _indirect
-from batchnorm.kernels._jit import KernelPair as KernelPair  # re-export: _numba, tests
-from batchnorm.kernels._jit import (
+from batchnorm.kernels.numba import _indirect
+from batchnorm.kernels.numba._jit import (
+    KernelPair as KernelPair,  # re-export: _numba, tests
+)
+from batchnorm.kernels.numba._jit import (
     _helper,
     _helper_exact,
     _jit_serial_exact,
     serial_and_parallel,
 )
-from batchnorm.kernels._loops_channels_last import (
+from batchnorm.kernels.numba._loops_channels_last import (
     _dx_mc_rows,
     _normalize_mc_rows,
     _reduce_mc_rows,
@@ -170,11 +172,10 @@ def train_ncs(x, gamma, beta, eps, inside, ddof, out, stats):
     ``1/(√var + ε)``, ``scale = inv_std·γ`` and ``out = (x − mean)·scale + β`` as
     ``launch(NORMALIZE)``: the same row bodies and the same values as those calls
     made one by one, without a dispatch and five NumPy calls on C-value vectors in
-    between (half the time of a 32768-value tensor). ``gamma`` and ``beta`` are
-    float64 (ones and zeros for None). Writes ``mean``, ``M2`` and ``inv_std``
-    into the rows of the (3, C) float64 ``stats``, per channel in one scalar
-    loop: no arrays handed back to Python and no C-sized temporaries (0.4-0.6 µs
-    a call less on (8,16,16,16) than returning three arrays).
+    between, which on a small tensor cost as much as the loops. ``gamma`` and
+    ``beta`` are float64 (ones and zeros for None). Writes ``mean``, ``M2`` and
+    ``inv_std`` into the rows of the (3, C) float64 ``stats``, per channel in one
+    scalar loop: no arrays handed back to Python and no C-sized temporaries.
     """
     outer, channels, inner = x.shape
     count = outer * channels

@@ -5,7 +5,7 @@
 :func:`_chunks` turns that into the number of ranges an operation is split into:
 1 (the serial loops) under ``PARALLEL_MIN_SIZE`` values, and in a ``fork()``-ed
 child of a process that already ran parallel loops (GNU OpenMP would abort it).
-:mod:`batchnorm.kernels._numba` re-exports the public names.
+:mod:`batchnorm.kernels.numba` re-exports the public names.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import os
 import numba
 import numpy as np
 
-#: Below this many values an operation runs on one thread: one core streams 65536
-#: float32 values in about 10 µs, the order of a parallel launch (and a launch on a
-#: busy machine can wait for a scheduler tick, milliseconds).
+#: Below this many values an operation runs on one thread: one core streams them
+#: in about the time a parallel launch takes (and a launch on a busy machine can
+#: wait for a scheduler tick).
 PARALLEL_MIN_SIZE = 1 << 16
 
 _num_threads: int | None = None

@@ -2,15 +2,15 @@
 
 Numba links the code of every jitted function a loop calls into that loop's
 module and optimizes it again there: with the row bodies called directly, both
-builds of :func:`batchnorm.kernels._loops.launch` (serial and ``prange``)
+builds of :func:`batchnorm.kernels.numba._loops.launch` (serial and ``prange``)
 carried and re-optimized all of them, most of the cold compilation. Instead,
-:func:`batchnorm.kernels._loops.rows` (the dispatch over the bodies) is compiled
+:func:`batchnorm.kernels.numba._loops.rows` (the dispatch over the bodies) is compiled
 once per dtype for one fixed signature (:func:`rows_signature`), and the
 launchers call it through its address (:func:`call_rows`), in Numba's own
 calling convention, the way Numba calls first-class functions.
 
 The address is a plain integer argument of the launchers, so they cache like
-any other loop; :func:`batchnorm.kernels._loops.rows_address` compiles ``rows``
+any other loop; :func:`batchnorm.kernels.numba._loops.rows_address` compiles ``rows``
 (or loads it from the cache) and looks the address up once per dtype and
 process, and ``_loops.launch`` always passes the one for ``x``'s dtype. The
 call converts each argument to the fixed signature's type (a writable array to
@@ -106,7 +106,9 @@ JIT_DISABLED = bool(config.DISABLE_JIT)  # type: ignore[attr-defined]
 
 
 def _call_rows_python(address: int, *args: Any) -> None:
-    from batchnorm.kernels._loops import rows  # imports this module: not at the top
+    from batchnorm.kernels.numba._loops import (
+        rows,  # imports this module: not at the top
+    )
 
     rows(*args)
 

@@ -1,6 +1,6 @@
 """The demo's report: per-configuration summaries, the table, the JSON, the findings.
 
-Used by :mod:`batchnorm.demo` (``batchnorm demo``).
+Used by :mod:`batchnorm.app.demo` (``batchnorm demo``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _stats(values: list[float | None]) -> dict[str, Any]:
     }
 
 
-def _summarize(runs: list[dict[str, Any]], config: dict[str, Any]) -> list[dict]:
+def summarize(runs: list[dict[str, Any]], config: dict[str, Any]) -> list[dict]:
     summary = []
     for model in config["models"]:
         for batch_norm in (False, True):
@@ -62,7 +62,7 @@ def _summarize(runs: list[dict[str, Any]], config: dict[str, Any]) -> list[dict]
     return summary
 
 
-def _table(summary: list[dict[str, Any]], config: dict[str, Any]) -> str:
+def table(summary: list[dict[str, Any]], config: dict[str, Any]) -> str:
     target = config["target_accuracy"]
     lines = [
         f"{'model':5} {'BN':3} {'lr':>6}  {'final test acc':>15}  "
@@ -86,11 +86,11 @@ def _table(summary: list[dict[str, Any]], config: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float | np.floating):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
@@ -100,7 +100,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _print_findings(results: dict[str, Any]) -> None:
+def print_findings(results: dict[str, Any]) -> None:
     paper, ema = results["paper_figure1"], results["ema_vs_batch"]
     for key, name in (("without_bn", "without BN"), ("with_bn", "with BN")):
         run = paper[key]

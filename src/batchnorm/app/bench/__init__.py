@@ -1,7 +1,7 @@
 """Kernel benchmark: ours against the memory-traffic floor and PyTorch, in one process.
 
 Batch normalization is memory-bound, so each operation is timed beside a plain
-Numba kernel with the same memory traffic (:mod:`batchnorm.kernels._floor`) and
+Numba kernel with the same memory traffic (:mod:`batchnorm.app.bench.floor`) and
 beside PyTorch's CPU kernel at the same thread count. Implementations are timed
 interleaved (a few calls of each per visit, in rotating order) after a warm-up;
 the table reports medians and ratios from the same run.
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm._machine import machine
+from batchnorm.app.machine import machine
 
 OPS = ("forward_train", "forward_eval", "backward")
 IMPLEMENTATIONS = ("floor", "numba_out", "numba", "numba_fresh", "numpy", "torch")
@@ -103,7 +103,7 @@ def _make_calls(
     import torch
 
     from batchnorm import functional as F
-    from batchnorm.kernels import _floor
+    from batchnorm.app.bench import floor as _floor
 
     rng = np.random.default_rng(seed)
     x = rng.normal(3.0, 2.0, case.shape).astype(np.float32)
@@ -188,7 +188,7 @@ def _make_calls(
 
 
 def _without_cache(call: Callable[[], Any]) -> Callable[[], Any]:
-    """``call`` with the output block cache off (:mod:`batchnorm._pool`).
+    """``call`` with the output block cache off (:mod:`batchnorm._memory`).
 
     Every large output is then a fresh ``mmap`` that the kernel faults in, as
     torch's are: the cost the cache saves, shown beside it.
@@ -266,7 +266,7 @@ def measure(
     """Time every case, thread count and operation; return one row per result."""
     import torch
 
-    from batchnorm.kernels import _numba
+    from batchnorm.kernels import numba as _numba
 
     rows: list[dict[str, Any]] = []
     try:
@@ -315,7 +315,7 @@ def _progress_line(case: Case, op: str, threads: int, medians: dict[str, float])
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``batchnorm bench``."""
-    from batchnorm.kernels import _numba
+    from batchnorm.kernels import numba as _numba
 
     full = bool(args.full)
     cases = FULL_CASES if full else QUICK_CASES

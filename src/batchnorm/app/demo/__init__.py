@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm._demo_report import _jsonable, _print_findings, _summarize, _table
+from batchnorm.app.demo.report import jsonable, print_findings, summarize, table
 
 #: Sizes of the three presets; ``--quick`` for tests, ``--large`` for a longer look.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -207,7 +207,7 @@ def _execute(
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     from tqdm import tqdm
 
-    from batchnorm import _demo_experiments as experiments
+    from batchnorm.app.demo import experiments
     from batchnorm.nn import load_digits
 
     data = load_digits(seed=0)
@@ -248,7 +248,7 @@ def _execute(
 
 def run(args: argparse.Namespace) -> int:
     import batchnorm
-    from batchnorm import _demo_figures
+    from batchnorm.app.demo import figures as _demo_figures
 
     start = time.perf_counter()
     config = _config(args)
@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=60,
         steps=config["paper_steps"],
     )
-    summary = _summarize(runs, config)
+    summary = summarize(runs, config)
     results: dict[str, Any] = {
         "config": config,
         "environment": {
@@ -306,12 +306,12 @@ def run(args: argparse.Namespace) -> int:
         "runs": runs,
     }
     print()
-    print(_table(summary, config))
+    print(table(summary, config))
     print()
-    _print_findings(results)
+    print_findings(results)
     results["figures"] = _demo_figures.write_all(results, out)
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(jsonable(results), indent=1) + "\n")
     print(
         f"\nwrote {out / 'results.json'} and {', '.join(results['figures'])} "
         f"in {results['wall_time_s']} s"

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm.distributed import SyncBatchNorm
+from batchnorm.distributed.sync import SyncBatchNorm
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.data import Split, minibatches
 from batchnorm.nn.loss import SoftmaxCrossEntropy
+from batchnorm.nn.walk import replace_batch_norms
 
 __all__ = [
     "StepStats",
@@ -31,17 +32,6 @@ __all__ = [
     "revert_sync_batchnorm",
     "shard_bounds",
 ]
-
-
-def _replace_batch_norms(model: Any, convert: Any) -> Any:
-    """Apply ``convert`` to every BatchNorm in ``model`` (a layer or a Sequential)."""
-    if isinstance(model, BatchNorm):
-        return convert(model)
-    layers = getattr(model, "layers", None)
-    if layers is not None:
-        for index, layer in enumerate(layers):
-            layers[index] = _replace_batch_norms(layer, convert)
-    return model
 
 
 def convert_sync_batchnorm(model: Any, comm: Any = None, **options: Any) -> Any:
@@ -56,7 +46,7 @@ def convert_sync_batchnorm(model: Any, comm: Any = None, **options: Any) -> Any:
             return layer
         return SyncBatchNorm.from_layer(layer, comm, **options)
 
-    return _replace_batch_norms(model, convert)
+    return replace_batch_norms(model, convert)
 
 
 def revert_sync_batchnorm(model: Any) -> Any:
@@ -65,7 +55,7 @@ def revert_sync_batchnorm(model: Any) -> Any:
     def revert(layer: BatchNorm) -> BatchNorm:
         return layer.to_layer() if isinstance(layer, SyncBatchNorm) else layer
 
-    return _replace_batch_norms(model, revert)
+    return replace_batch_norms(model, revert)
 
 
 def shard_bounds(total: int, rank: int, size: int) -> tuple[int, int]:

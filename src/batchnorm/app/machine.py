@@ -1,6 +1,6 @@
 """What benchmark figures depend on: CPU, cores, memory, versions, scheduling.
 
-Used by :mod:`batchnorm.bench` and ``benchmarks/bench_kernels.py``.
+Used by :mod:`batchnorm.app.bench` and ``benchmarks/bench_kernels.py``.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def _train(
 ) -> int:
     import numpy as np
 
-    from batchnorm import data_parallel as dp
+    from batchnorm.distributed import data_parallel as dp
     from batchnorm.nn import SGD, accuracy, cnn, load_digits, mlp
 
     data = load_digits(seed=args.seed, dtype=np.float32)

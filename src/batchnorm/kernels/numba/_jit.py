@@ -1,7 +1,7 @@
 """Compile options of the Numba loops: the decorators and the serial/parallel pair.
 
-Every compiled loop of :mod:`batchnorm.kernels._loops`,
-:mod:`batchnorm.kernels._loops_channels_last` and :mod:`batchnorm.kernels._floor`
+Every compiled loop of :mod:`batchnorm.kernels.numba._loops`,
+:mod:`batchnorm.kernels.numba._loops_channels_last` and :mod:`batchnorm.app.bench.floor`
 goes through :func:`_jit`: ``nogil``, ``cache=True`` (compiled in every process
 when no cache directory is writable), no C-callback wrapper, and ``fastmath``
 limited to reassociation and contraction, for the reductions only. Helpers that

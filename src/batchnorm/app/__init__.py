@@ -1,0 +1,1 @@
+"""The application: command line, demo, benchmarks. The library never imports it."""

@@ -1,0 +1,10 @@
+"""Synchronized batch statistics over MPI: the layer and a data-parallel trainer.
+
+:class:`SyncBatchNorm` merges every rank's exact ``(count, mean, M2)``;
+:mod:`batchnorm.distributed.data_parallel` trains a harness network with it.
+Needs ``pip install 'batchnorm[distributed]'`` (mpi4py) at call time only.
+"""
+
+from batchnorm.distributed.sync import SyncBatchNorm, SyncError
+
+__all__ = ["SyncBatchNorm", "SyncError"]
