@@ -6,7 +6,7 @@ builds of :func:`batchnorm.kernels.numba._loops.launch` (serial and ``prange``)
 carried and re-optimized all of them, most of the cold compilation. Instead,
 :func:`batchnorm.kernels.numba._loops.rows` (the dispatch over the bodies) is compiled
 once per dtype for one fixed signature (:func:`rows_signature`), and the
-launchers call it through its address (:func:`call_rows`), in Numba's own
+launchers call it through its address (:func:`call_rows_jit`), in Numba's own
 calling convention, the way Numba calls first-class functions.
 
 The address is a plain integer argument of the launchers, so they cache like
@@ -18,7 +18,7 @@ a read-only one is a no-op); an argument that does not convert without loss is
 a typing error at compile time, never a call with the wrong layout. ``rows``
 reports no errors (its bodies neither allocate nor raise), so the call does not
 check its status: a body that could raise would need that check first. Under
-``NUMBA_DISABLE_JIT`` (coverage, debugging) :func:`call_rows` calls ``rows`` as
+``NUMBA_DISABLE_JIT`` (coverage, debugging) ``_loops.call_rows`` calls ``rows`` as
 Python.
 """
 
@@ -56,7 +56,7 @@ def rows_signature(dtype: Any) -> tuple[Any, ...]:
 
 
 @intrinsic
-def _call_rows_jit(
+def call_rows_jit(
     typingctx, address, op, x, dy, out, v0, v1, v2, v3, pivot, p0, p1, lo, hi, chunk
 ):
     """Call the ``rows`` compiled at ``address`` with these arguments (its
@@ -105,20 +105,9 @@ def _readonly_jit(typingctx, array):
 JIT_DISABLED = bool(config.DISABLE_JIT)  # type: ignore[attr-defined]
 
 
-def _call_rows_python(address: int, *args: Any) -> None:
-    from batchnorm.kernels.numba._loops import (
-        rows,  # imports this module: not at the top
-    )
-
-    rows(*args)
-
-
 def _readonly_python(array: Any) -> Any:
     return array
 
 
-#: ``call_rows(address, op, x, dy, out, v0, v1, v2, v3, pivot, p0, p1, lo, hi,
-#: chunk)``: ``rows`` at ``address`` (see ``_call_rows_jit``).
-call_rows: Any = _call_rows_python if JIT_DISABLED else _call_rows_jit
 #: ``readonly(array)``: ``array`` typed read-only (see ``_readonly_jit``).
 readonly: Any = _readonly_python if JIT_DISABLED else _readonly_jit

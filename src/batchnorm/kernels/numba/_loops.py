@@ -240,11 +240,23 @@ def rows(op, x, dy, out, v0, v1, v2, v3, pivot, p0, p1, lo, hi, chunk):
 _addresses: dict[np.dtype, int] = {}
 
 
+def _call_rows_python(address: int, *args: Any) -> None:
+    rows(*args)
+
+
+#: ``call_rows(address, op, x, dy, out, v0, v1, v2, v3, pivot, p0, p1, lo, hi,
+#: chunk)``: the compiled ``rows`` at ``address``, or ``rows`` itself as Python
+#: under ``NUMBA_DISABLE_JIT`` (where the launchers run as Python too).
+call_rows: Any = (
+    _call_rows_python if _indirect.JIT_DISABLED else _indirect.call_rows_jit
+)
+
+
 def rows_address(dtype: np.dtype) -> int:
     """Where :func:`rows` for ``dtype`` arrays is, compiled (or loaded) on first use.
 
     0 under ``NUMBA_DISABLE_JIT``, where the launchers run as Python and call
-    :func:`rows` itself (``_indirect.call_rows``).
+    :func:`rows` itself (:data:`call_rows`).
     """
     address = _addresses.get(dtype)
     if address is None:
@@ -311,9 +323,7 @@ def _launch(op, x, dy, out, v0, v1, v2, v3, num_chunks, rows_at):
     for chunk in prange(num_chunks):
         k = np.int64(chunk)  # prange counts in uint64
         lo, hi = k * num_rows // num_chunks, (k + 1) * num_rows // num_chunks
-        _indirect.call_rows(
-            rows_at, op, x, dy, out, v0, v1, v2, v3, pivot, p0, p1, lo, hi, k
-        )
+        call_rows(rows_at, op, x, dy, out, v0, v1, v2, v3, pivot, p0, p1, lo, hi, k)
     if op == MOMENTS:
         count = x.shape[0] * x.shape[2]
         return finish_moments(pivot, column_sums(p0), column_sums(p1), count)
