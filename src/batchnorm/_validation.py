@@ -152,6 +152,57 @@ def check_ddof(ddof: Any) -> int:
     return int(ddof)
 
 
+def check_normalization(
+    x: Any, axis: int, gamma: Any, beta: Any, eps: Any, eps_placement: Any
+) -> tuple[np.ndarray, int, np.ndarray | None, np.ndarray | None, float, str]:
+    """The arguments every normalizing function takes, checked in one order.
+
+    Returns ``(x, axis, gamma, beta, eps, eps_placement)`` with ``axis`` >= 0 and
+    ``gamma``/``beta`` as float arrays of shape (C,) or None.
+    """
+    x, axis = check_input(x, axis)
+    num_channels = x.shape[axis]
+    gamma = check_channel_vector(gamma, "gamma", num_channels, optional=True)
+    beta = check_channel_vector(beta, "beta", num_channels, optional=True)
+    eps = check_eps(eps)
+    eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
+    return x, axis, gamma, beta, eps, eps_placement
+
+
+def statistic_requirement(name: str) -> str:
+    """What a stored statistic or parameter must be: a variance is also >= 0."""
+    return "finite and >= 0" if name.endswith("running_var") else "finite"
+
+
+def bad_channels(values: Any, name: str) -> np.ndarray:
+    """Channels where ``values`` breaks :func:`statistic_requirement` of ``name``.
+
+    The one check of "finite, and >= 0 for a running variance": functional
+    arguments, state dicts and files all call it.
+    """
+    as64 = np.asarray(values, np.float64)
+    bad = ~np.isfinite(as64)
+    if name.endswith("running_var"):
+        bad |= as64 < 0
+    return np.flatnonzero(bad)
+
+
+def bad_statistic_message(
+    label: str, name: str, values: Any, bad: np.ndarray, fix: str
+) -> str:
+    """The message for :func:`bad_channels`: what is required, where, the fix."""
+    values = np.asarray(values)
+    where, indices = (
+        ("channel", "channels") if values.ndim <= 1 else ("value", "flat indices")
+    )
+    shown = values.reshape(-1)[bad[:8]].tolist()
+    return (
+        f"{label} must be {statistic_requirement(name)} in every {where}; "
+        f"{bad.size} of {values.size} {'is' if bad.size == 1 else 'are'} not: "
+        f"{indices} {bad[:8].tolist()} hold {shown}. {fix}"
+    )
+
+
 def check_running(
     running_mean: Any, running_var: Any, num_channels: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -159,16 +210,17 @@ def check_running(
     running_mean = require_channel_vector(running_mean, "running_mean", num_channels)
     running_var = require_channel_vector(running_var, "running_var", num_channels)
     for name, values in (("running_mean", running_mean), ("running_var", running_var)):
-        as64 = np.asarray(values, np.float64)
-        ok = np.isfinite(as64) & ((as64 >= 0) if name == "running_var" else True)
-        bad = np.flatnonzero(~ok)
+        bad = bad_channels(values, name)
         if bad.size:
-            need = "finite and >= 0" if name == "running_var" else "finite"
             raise ValueError(
-                f"{name} must be {need} in every channel; channels "
-                f"{bad[:8].tolist()} hold {as64[bad[:8]].tolist()}. Reset the "
-                "running statistics (layer.reset_running_stats()) or reload a good "
-                "checkpoint."
+                bad_statistic_message(
+                    name,
+                    name,
+                    values,
+                    bad,
+                    "Reset the running statistics (layer.reset_running_stats()) or "
+                    "reload a good checkpoint.",
+                )
             )
     return running_mean, running_var
 

@@ -25,13 +25,9 @@ import numpy as np
 
 from batchnorm import kernels
 from batchnorm._validation import (
-    EPS_PLACEMENTS,
-    check_channel_vector,
-    check_choice,
     check_ddof,
     check_dy,
-    check_eps,
-    check_input,
+    check_normalization,
     check_out,
     check_running,
     training_count_error,
@@ -132,14 +128,12 @@ def forward_train(
     array([[-1., -1.],
            [ 1.,  1.]])
     """
-    x, axis = check_input(x, axis)
-    num_channels = x.shape[axis]
-    gamma = check_channel_vector(gamma, "gamma", num_channels, optional=True)
-    beta = check_channel_vector(beta, "beta", num_channels, optional=True)
-    eps = check_eps(eps)
-    eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
+    x, axis, gamma, beta, eps, eps_placement = check_normalization(
+        x, axis, gamma, beta, eps, eps_placement
+    )
     ddof = check_ddof(ddof)
     out = check_out(out, x, ("x", x))
+    num_channels = x.shape[axis]
     count = x.size // num_channels if num_channels else 0
     if x.size == 0:
         raise ValueError(
@@ -182,7 +176,9 @@ def forward_from_moments(
     equals ``forward_from_moments(x, Moments.from_array(x, axis), …)``. ``x`` may be
     empty. Arguments as in :func:`forward_train`; ``moments.count`` must be >= 2.
     """
-    x, axis = check_input(x, axis)
+    x, axis, gamma, beta, eps, eps_placement = check_normalization(
+        x, axis, gamma, beta, eps, eps_placement
+    )
     num_channels = x.shape[axis]
     if not isinstance(moments, Moments) or moments.num_channels != num_channels:
         raise TypeError(
@@ -194,10 +190,6 @@ def forward_from_moments(
             f"moments must hold at least 2 values per channel; got count = "
             f"{moments.count}. The variance of fewer values is undefined."
         )
-    gamma = check_channel_vector(gamma, "gamma", num_channels, optional=True)
-    beta = check_channel_vector(beta, "beta", num_channels, optional=True)
-    eps = check_eps(eps)
-    eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
     ddof = check_ddof(ddof)
     out = check_out(out, x, ("x", x))
     ops = kernels.resolve(backend)
@@ -331,13 +323,10 @@ def forward_eval(
     array([[-0.5],
            [ 0.5]])
     """
-    x, axis = check_input(x, axis)
-    num_channels = x.shape[axis]
-    gamma = check_channel_vector(gamma, "gamma", num_channels, optional=True)
-    beta = check_channel_vector(beta, "beta", num_channels, optional=True)
-    running_mean, running_var = check_running(running_mean, running_var, num_channels)
-    eps = check_eps(eps)
-    eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
+    x, axis, gamma, beta, eps, eps_placement = check_normalization(
+        x, axis, gamma, beta, eps, eps_placement
+    )
+    running_mean, running_var = check_running(running_mean, running_var, x.shape[axis])
     out = check_out(out, x, ("x", x))
     inv_std = inv_std_of(running_var, eps, eps_placement)
     scale = channel_gain(inv_std, gamma)
@@ -373,13 +362,11 @@ def backward_eval(
     dgamma, dbeta : ndarray, shape (C,), float64
         ``Σ dy · x̂`` and ``Σ dy`` with ``x̂ = (x − running_mean) · inv_std``.
     """
-    x, axis = check_input(x, axis)
+    x, axis, gamma, _, eps, eps_placement = check_normalization(
+        x, axis, gamma, None, eps, eps_placement
+    )
     dy = check_dy(dy, x)
-    num_channels = x.shape[axis]
-    gamma = check_channel_vector(gamma, "gamma", num_channels, optional=True)
-    running_mean, running_var = check_running(running_mean, running_var, num_channels)
-    eps = check_eps(eps)
-    eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
+    running_mean, running_var = check_running(running_mean, running_var, x.shape[axis])
     out = check_out(out, x, ("x", x), ("dy", dy))
     inv_std = inv_std_of(running_var, eps, eps_placement)
     ops = kernels.resolve(backend)

@@ -16,6 +16,7 @@ from batchnorm._validation import (
     EPS_PLACEMENTS,
     ON_NONFINITE,
     RUNNING_VAR_KINDS,
+    bad_channels,
     check_choice,
     check_ddof,
     check_eps,
@@ -203,7 +204,10 @@ def check_backend(backend: str | None) -> str | None:
 def check_initial_running_stats(mean: Any, var: Any) -> tuple[float, float]:
     """Floats: a finite initial running mean, a finite initial running var >= 0."""
     mean, var = float(mean), float(var)
-    if not (np.isfinite(mean) and np.isfinite(var) and var >= 0):
+    if (
+        bad_channels([mean], "running_mean").size
+        or bad_channels([var], "running_var").size
+    ):
         raise ValueError(
             "initial_running_mean must be finite and initial_running_var finite "
             f"and >= 0; got {mean} and {var}. The defaults are 0 and 1 (darknet: 0 "

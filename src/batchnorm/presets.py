@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm._validation import is_float_dtype
+from batchnorm._validation import bad_channels, bad_statistic_message, is_float_dtype
 
 #: Conventions of other systems, expressed in ours (momentum on the OLD value).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -80,15 +80,17 @@ def check_state_dict(
             )
         with np.errstate(over="ignore", invalid="ignore"):  # checked next
             cast = value.astype(dtype, copy=True)
-        bad = np.flatnonzero(
-            ~np.isfinite(cast) | ((cast < 0) if key == "running_var" else False)
-        )
+        bad = bad_channels(cast, key)
         if bad.size:
-            need = "finite and >= 0" if key == "running_var" else "finite"
             raise ValueError(
-                f"state_dict[{key!r}] must be {need} (in {dtype}); channels "
-                f"{bad[:8].tolist()} hold {value[bad[:8]].tolist()}. Load a good "
-                "checkpoint, or reset_running_stats() to start the statistics over."
+                bad_statistic_message(
+                    f"state_dict[{key!r}] (in {dtype})",
+                    key,
+                    value,
+                    bad,
+                    "Load a good checkpoint, or reset_running_stats() to start the "
+                    "statistics over.",
+                )
             )
         arrays[key] = cast
     counters = {}

@@ -29,12 +29,8 @@ import numpy as np
 from batchnorm import functional as F
 from batchnorm import kernels
 from batchnorm._validation import (
-    EPS_PLACEMENTS,
-    check_channel_vector,
-    check_choice,
     check_ddof,
-    check_eps,
-    check_input,
+    check_normalization,
     check_out,
     check_running,
     training_count_error,
@@ -204,14 +200,12 @@ def forward_renorm(
     array([[0.5],
            [1.5]])
     """
-    x, axis = check_input(x, axis)
+    x, axis, gamma, beta, eps, eps_placement = check_normalization(
+        x, axis, gamma, beta, eps, eps_placement
+    )
     num_channels = x.shape[axis]
-    gamma = check_channel_vector(gamma, "gamma", num_channels, optional=True)
-    beta = check_channel_vector(beta, "beta", num_channels, optional=True)
     running_mean, running_var = check_running(running_mean, running_var, num_channels)
     rmax, dmax = check_renorm_limits(rmax, dmax)
-    eps = check_eps(eps)
-    eps_placement = check_choice(eps_placement, "eps_placement", EPS_PLACEMENTS)
     ddof = check_ddof(ddof)
     out = check_out(out, x, ("x", x))
     count = x.size // num_channels if num_channels else 0

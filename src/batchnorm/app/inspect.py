@@ -68,15 +68,15 @@ def health(layer: Any) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from batchnorm.app.convert import read_any
     from batchnorm.io import FormatError
-    from batchnorm.io._structure import layers_of
     from batchnorm.layer import BatchNorm
+    from batchnorm.nn import children
 
     try:
         obj = read_any(args.file, args, allow_nonfinite=True)
     except (FormatError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"batchnorm inspect: error: {exc}", file=sys.stderr)
         return 2
-    layers = layers_of(obj)
+    layers = children(obj)
     found = 0
     print(f"{args.file}: {len(layers)} layer(s)")
     for index, layer in enumerate(layers):

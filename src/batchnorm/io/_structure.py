@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from batchnorm._validation import bad_channels, bad_statistic_message
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d, GlobalAvgPool, MaxPool2d
 from batchnorm.nn.layers import (
@@ -231,17 +232,17 @@ def fill(
                 raise FormatError(
                     f"{source}: array {key!r} has dtype {value.dtype}; expected floats."
                 )
-            if not allow_nonfinite:  # parameters and statistics alike
-                bad = ~np.isfinite(value)
-                if name == "running_var":
-                    bad |= value < 0
-                if bad.any():
-                    raise FormatError(
-                        f"{source}: {key} has {int(bad.sum())} non-finite"
-                        f"{' or negative' if name == 'running_var' else ''} values "
-                        f"(first at channel {int(np.argmax(bad))}). Pass "
-                        "allow_nonfinite=True to load it anyway (for inspection)."
+            bad = bad_channels(value, name)
+            if bad.size and not allow_nonfinite:  # parameters and statistics alike
+                raise FormatError(
+                    bad_statistic_message(
+                        f"{source}: {key}",
+                        name,
+                        value,
+                        bad,
+                        "Pass allow_nonfinite=True to load it anyway (for inspection).",
                     )
+                )
             plan.append((layer, name, value.astype(dtype, copy=True)))
     missing = sorted(expected_names - set(arrays))
     unknown = sorted(set(arrays) - expected_names)

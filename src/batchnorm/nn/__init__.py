@@ -36,7 +36,7 @@ from batchnorm.nn.loss import SoftmaxCrossEntropy
 from batchnorm.nn.models import cnn, mlp, paper_mlp
 from batchnorm.nn.optim import SGD, darknet_sgd, seed_sgd, takes_weight_decay
 from batchnorm.nn.train import History, accuracy, fit, statistics_mode
-from batchnorm.nn.walk import batch_norms, replace_batch_norms, walk
+from batchnorm.nn.walk import batch_norms, children, replace_batch_norms, walk
 
 __all__ = [
     "SGD",
@@ -56,6 +56,7 @@ __all__ = [
     "Split",
     "accuracy",
     "batch_norms",
+    "children",
     "cnn",
     "darknet_sgd",
     "fit",

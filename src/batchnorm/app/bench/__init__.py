@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
 
     full = bool(args.full)
     cases = FULL_CASES if full else QUICK_CASES
-    all_threads = _numba._max_threads()
+    all_threads = _numba.max_threads()
     if args.threads:
         thread_counts = [int(t) for t in args.threads.split(",")]
     else:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels.numba._jit import serial_and_parallel
+from batchnorm.kernels.numba import serial_and_parallel
 
 
 @serial_and_parallel(fastmath=True)

@@ -38,15 +38,14 @@ import numpy as np
 from batchnorm import _memory
 from batchnorm.kernels import reference
 from batchnorm.kernels.numba import _loops
+from batchnorm.kernels.numba._jit import serial_and_parallel
 from batchnorm.kernels.numba._loops_channels_last import WIDE_ROW
 from batchnorm.kernels.numba._threads import (
     PARALLEL_MIN_SIZE,
     _chunks,
     get_num_threads,
+    max_threads,
     set_num_threads,
-)
-from batchnorm.kernels.numba._threads import (
-    _max_threads as _max_threads,  # bench, tests
 )
 
 __all__ = [
@@ -58,7 +57,9 @@ __all__ = [
     "forward_train",
     "get_num_threads",
     "grad_sums",
+    "max_threads",
     "normalize",
+    "serial_and_parallel",
     "set_num_threads",
 ]
 

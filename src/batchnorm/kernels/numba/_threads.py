@@ -24,13 +24,13 @@ _num_threads: int | None = None
 _parallel_pid: int | None = None  # the process whose parallel loops ran first
 
 
-def _max_threads() -> int:
+def max_threads() -> int:
     """Numba's thread pool size, fixed at import (``$NUMBA_NUM_THREADS``, or cores)."""
     return int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
 
 
 def _check_num_threads(value: object, source: str) -> int:
-    limit = _max_threads()
+    limit = max_threads()
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{source} must be an int; got {type(value).__name__}.")
     if not 1 <= value <= limit:
@@ -68,7 +68,7 @@ def get_num_threads() -> int:
                 f"BATCHNORM_NUM_THREADS must be an int; got {env!r}."
             ) from None
         return _check_num_threads(value, "BATCHNORM_NUM_THREADS")
-    return _max_threads()
+    return max_threads()
 
 
 def _chunks(size: int) -> int:
