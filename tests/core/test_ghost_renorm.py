@@ -14,7 +14,7 @@ from batchnorm.renorm import (
     renorm_factors,
     renorm_schedule,
 )
-from gradchecks import directional_check, elementwise_check
+from helpers.gradchecks import directional_check, elementwise_check
 
 C = 3
 

@@ -1,4 +1,4 @@
-"""Runs the MPI suite (tests/mpi_suite) under ``mpiexec -n 2`` and ``-n 3``."""
+"""Runs the MPI suite (``mpi_suite/`` here) under ``mpiexec -n 2`` and ``-n 3``."""
 
 from __future__ import annotations
 

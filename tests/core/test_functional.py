@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-import naive
 from batchnorm import kernels
-from gradchecks import directional_check, elementwise_check
+from helpers import naive
+from helpers.gradchecks import directional_check, elementwise_check
 
 F = bn.functional
 BACKENDS = kernels.available()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-import naive
 from batchnorm import kernels
+from helpers import naive
 
 F = bn.functional
 BACKENDS = kernels.available()
@@ -222,3 +222,35 @@ def test_darknet_preset_reproduces_darknet_cpu_forward():
     np.testing.assert_allclose(
         np.moveaxis(y_eval, 1, -1).reshape(-1, 3), rolled, rtol=1e-12
     )
+
+
+# -- the layer's buffers ---------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_reuse_buffers(backend):
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(8, 3, 6, 6)).astype(np.float32) for _ in range(2)]
+    dys = [rng.normal(size=x.shape).astype(np.float32) for x in xs]
+    fresh = bn.BatchNorm(3, backend=backend)
+    reusing = bn.BatchNorm(3, backend=backend, reuse_buffers=True)
+    outputs = []
+    for x, dy in zip(xs, dys, strict=True):
+        y_ref, y = fresh(x), reusing(x)
+        np.testing.assert_array_equal(y, y_ref)
+        dx_ref, dx = fresh.backward(dy), reusing.backward(dy)
+        np.testing.assert_array_equal(dx, dx_ref)
+        outputs.append((y, dx, y_ref, dx_ref))
+    (y0, dx0, y0_ref, dx0_ref), (y1, dx1, y1_ref, dx1_ref) = outputs
+    assert y1 is y0 and dx1 is dx0  # the documented trade: the first call's arrays
+    assert y0_ref is not y1_ref and dx0_ref is not dx1_ref
+    reusing.eval()
+    assert reusing(xs[0]) is y0
+    np.testing.assert_array_equal(y0, fresh.eval()(xs[0]))
+
+
+def test_layer_reuse_buffers_never_writes_over_its_input():
+    layer = bn.BatchNorm(3, reuse_buffers=True)
+    x = np.random.default_rng(0).normal(5.0, 2.0, size=(8, 3, 4)).astype(np.float32)
+    y = layer(x)
+    y_again = layer(y)  # the previous output as input: a new buffer, not an error
+    assert y_again is not y
+    np.testing.assert_allclose(y_again, bn.BatchNorm(3)(y.copy()), atol=1e-6)

@@ -26,6 +26,7 @@ import pytest
 
 from batchnorm import Moments, kernels
 from batchnorm import functional as F
+from helpers.channels import per_channel
 
 BACKENDS = kernels.available()
 U32 = 2.0**-24
@@ -96,12 +97,6 @@ def make_x(layout: str, means, seed: int = 0) -> tuple[np.ndarray, int]:
 def reduce_axes(x: np.ndarray, axis: int) -> tuple[int, ...]:
     axis %= x.ndim
     return tuple(a for a in range(x.ndim) if a != axis)
-
-
-def per_channel(vec: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray:
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    return np.asarray(vec).reshape(shape)
 
 
 def reference_y(x, gamma, beta, mean, var, axis, eps=EPS):

@@ -16,68 +16,32 @@ Tolerances follow from how each value is computed, not from what passed:
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 pytest.importorskip("numba")
 
 import batchnorm as bn  # noqa: E402
-from batchnorm import kernels  # noqa: E402
-from batchnorm.kernels import numba as _numba
-from batchnorm.kernels import reference
-from batchnorm.kernels.numba import (
-    _loops,  # noqa: E402
+from batchnorm.kernels import numba as _numba  # noqa: E402
+from batchnorm.kernels import reference  # noqa: E402
+from batchnorm.kernels.numba import (  # noqa: E402
+    _loops,
     _loops_channels_last,
 )
-from launcher_spy import spy_on_launcher  # noqa: E402
+from helpers.channels import channel_sums, first_per_channel, per_channel  # noqa: E402
+from helpers.kernel_cases import (  # noqa: E402
+    DTYPES,
+    LAYOUTS,
+    U64,
+    assert_sums_close,
+    make,
+)
+from helpers.processes import run_python  # noqa: E402
 
 F = bn.functional
-U64 = 2.0**-53
 
-# (id, shape, axis, transform). Sizes from 65536 values up take the parallel loops;
-# "cl fold" has C = 37, so 13 rows fold into one and 4099 % 13 = 4 rows remain.
-LAYOUTS = [
-    ("2d", (64, 5), 1, None),
-    ("3d", (16, 4, 9), 1, None),
-    ("nchw", (8, 3, 5, 7), 1, None),
-    ("5d", (4, 3, 2, 5, 6), 1, None),
-    ("channels-last", (8, 5, 7, 3), -1, None),
-    ("axis middle 5d", (4, 2, 3, 5, 6), 2, None),
-    ("C=1", (16, 1, 4, 4), 1, None),
-    ("m=2", (2, 6), 1, None),
-    ("strided", (8, 3, 10), 1, lambda a: a[:, :, ::2]),
-    ("fortran", (8, 3, 5, 4), 1, np.asfortranarray),
-    ("nchw parallel", (4, 3, 80, 80), 1, None),
-    ("cl fold parallel", (4099, 37), 1, None),
-    ("cl wide parallel", (70, 1030), 1, None),
-    ("short rows parallel", (5000, 7, 2), 1, None),
-    ("channels-last parallel", (16, 20, 20, 16), -1, None),
-]
-DTYPES = [np.float16, np.float32, np.float64]
-
-
-@pytest.fixture(params=[1, 2], ids=["threads=1", "threads=2"])
-def threads(request):
-    _numba.set_num_threads(min(request.param, _numba._max_threads()))
-    yield request.param
-    _numba.set_num_threads(None)
-
-
-@pytest.fixture
-def loops(monkeypatch):
-    """The launcher calls that ran, as ``(build, operation)`` (see launcher_spy).
-
-    So that every test below also checks which path it exercised: the Numba loops,
-    for each operation, for what they cover; the NumPy reference (no launcher) for
-    the rest.
-    """
-    return spy_on_launcher(monkeypatch)
+# The fixtures ``threads`` (1 and 2 threads) and ``loops`` (the launcher calls
+# that ran) are in tests/kernels/conftest.py.
 
 
 def assert_path(ran, name, ops, *arrays):
@@ -95,38 +59,6 @@ def assert_path(ran, name, ops, *arrays):
     parallel = covered and _numba.get_num_threads() > 1 and "parallel" in name
     assert any(build == "parallel" for build, _ in ran) == parallel, (name, ran)
     ran.clear()
-
-
-def make(shape, axis, transform, dtype, *, mean=3.0, std=2.0, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(mean, std, size=shape).astype(dtype)
-    dy = rng.normal(size=shape).astype(dtype)
-    if transform is not None:
-        x, dy = transform(x), transform(dy)
-    c = x.shape[axis]
-    return rng, x, dy, c, axis % x.ndim
-
-
-def channel_sums(values, axis):
-    axes = tuple(a for a in range(values.ndim) if a != axis)
-    return np.asarray(values, np.float64).sum(axis=axes)
-
-
-def per_channel(vec, x, axis):
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    return vec.reshape(shape)
-
-
-def assert_sums_close(actual, expected, abs_terms, count):
-    """|actual − expected| ≤ 2·n·u·Σ|terms| per channel (summation error bound)."""
-    bound = 2 * count * U64 * abs_terms
-    assert np.all(np.abs(actual - expected) <= bound), (actual, expected, bound)
-
-
-def first_per_channel(x, axis):
-    """The first value of every channel in memory order: the kernels' pivot."""
-    return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])[0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -391,132 +323,6 @@ def test_fused_forward_train_declines_what_it_does_not_cover(
     assert reference.forward_train(x, axis, None, None, 1e-6, "inside", 0) is None
 
 
-# -- out= -------------------------------------------------------------------------
-BACKENDS = ["numpy", "numba"]
-OUT_LAYOUTS = [LAYOUTS[2], LAYOUTS[4], LAYOUTS[8], LAYOUTS[10], LAYOUTS[11]]
-
-
-def run_op(op, x, dy, gamma, beta, axis, backend, out=None):
-    c = x.shape[axis]
-    running_mean, running_var = np.full(c, 3.0), np.full(c, 4.0)
-    if op == "forward_train":
-        return F.forward_train(x, gamma, beta, axis=axis, backend=backend, out=out)[0]
-    if op == "forward_eval":
-        return F.forward_eval(
-            x,
-            gamma,
-            beta,
-            running_mean,
-            running_var,
-            axis=axis,
-            backend=backend,
-            out=out,
-        )
-    if op == "backward":
-        _, cache = F.forward_train(x, gamma, beta, axis=axis, backend=backend)
-        return F.backward(dy, cache, backend=backend, out=out)[0]
-    return F.backward_eval(
-        dy, x, gamma, running_mean, running_var, axis=axis, backend=backend, out=out
-    )[0]
-
-
-OPS = ["forward_train", "forward_eval", "backward", "backward_eval"]
-
-
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("name", "shape", "axis", "transform"), OUT_LAYOUTS)
-def test_out_gives_the_allocating_result(
-    threads, op, backend, name, shape, axis, transform
-):
-    rng, x, dy, c, axis = make(shape, axis, transform, np.float32)
-    gamma, beta = rng.uniform(0.5, 1.5, c), rng.normal(size=c)
-    expected = run_op(op, x, dy, gamma, beta, axis, backend)
-    for out in (np.empty_like(x, order="C"), np.empty(x.shape[::-1], x.dtype).T):
-        out[...] = np.nan
-        result = run_op(op, x, dy, gamma, beta, axis, backend, out=out)
-        assert result is out
-        np.testing.assert_array_equal(out, expected)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_eval_empty_batch_returns_out(backend):
-    x = np.empty((0, 3), np.float32)
-    out = np.empty_like(x)
-    y = F.forward_eval(x, None, None, np.zeros(3), np.ones(3), backend=backend, out=out)
-    assert y is out
-
-
-X = np.random.default_rng(0).normal(size=(4, 3, 5)).astype(np.float32)
-DY = np.ones_like(X)
-_, CACHE = F.forward_train(X, None, None, backend="numpy")
-RUNNING = (np.zeros(3), np.ones(3))
-READ_ONLY = np.empty_like(X)
-READ_ONLY.flags.writeable = False
-
-
-@pytest.mark.parametrize(
-    ("call", "error", "match"),
-    [
-        (
-            lambda: F.forward_train(X, None, None, out=np.empty((4, 3))),
-            ValueError,
-            r"out must have the shape of x \(4, 3, 5\); got \(4, 3\)",
-        ),
-        (
-            lambda: F.forward_train(X, None, None, out=np.empty(X.shape)),
-            TypeError,
-            r"out must have the dtype of x \(float32\); got float64",
-        ),
-        (
-            lambda: F.forward_train(X, None, None, out=READ_ONLY),
-            ValueError,
-            "out must be writeable",
-        ),
-        (
-            lambda: F.forward_train(X, None, None, out=X),
-            ValueError,
-            "out must not share memory with x",
-        ),
-        (
-            lambda: F.forward_train(X, None, None, out=X.tolist()),
-            TypeError,
-            "out must be a numpy.ndarray or None; got list",
-        ),
-        (
-            lambda: F.forward_eval(X, None, None, *RUNNING, out=X[::-1]),
-            ValueError,
-            "out must not share memory with x",
-        ),
-        (
-            lambda: F.backward(DY, CACHE, out=DY),
-            ValueError,
-            "out must not share memory with dy",
-        ),
-        (
-            lambda: F.backward(DY, CACHE, out=X),
-            ValueError,
-            "out must not share memory with x",
-        ),
-        (
-            lambda: F.backward_eval(DY, X, None, *RUNNING, out=DY),
-            ValueError,
-            "out must not share memory with dy",
-        ),
-        (
-            lambda: F.backward_eval(DY, X, None, *RUNNING, out=np.empty((3,))),
-            ValueError,
-            "out must have the shape of x",
-        ),
-    ],
-)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_out_raises(call, error, match, backend, monkeypatch):
-    monkeypatch.setenv("BATCHNORM_BACKEND", backend)
-    with pytest.raises(error, match=match):
-        call()
-
-
 # -- fallback and edge values ------------------------------------------------------
 def test_fallback_covers_bfloat16_non_native_order_and_mixed_dtypes():
     """Inputs the loops do not cover give the reference's result, bit for bit."""
@@ -559,247 +365,6 @@ def test_constant_channel_has_exactly_zero_m2(threads):
     _, mean, m2 = _numba.batch_moments(x, 1)
     np.testing.assert_array_equal(mean, np.float32(1e6 + 0.5))
     np.testing.assert_array_equal(m2, 0.0)
-
-
-# -- threads -------------------------------------------------------------------------
-def test_thread_count_from_env_and_setter(monkeypatch):
-    monkeypatch.setenv("BATCHNORM_NUM_THREADS", "1")
-    assert _numba.get_num_threads() == 1
-    _numba.set_num_threads(_numba._max_threads())
-    try:
-        assert _numba.get_num_threads() == _numba._max_threads()
-    finally:
-        _numba.set_num_threads(None)
-    monkeypatch.delenv("BATCHNORM_NUM_THREADS")
-    assert _numba.get_num_threads() == _numba._max_threads()
-
-
-@pytest.mark.parametrize(
-    ("value", "error", "match"),
-    [
-        (0, ValueError, r"num_threads must be between 1 and \d+"),
-        (10**6, ValueError, r"num_threads must be between 1 and \d+ \(NUMBA_NUM"),
-        ("2", TypeError, "num_threads must be an int; got str"),
-        (True, TypeError, "num_threads must be an int; got bool"),
-    ],
-)
-def test_bad_thread_count_raises(value, error, match):
-    with pytest.raises(error, match=match):
-        _numba.set_num_threads(value)
-
-
-def test_bad_thread_env_raises(monkeypatch):
-    monkeypatch.setenv("BATCHNORM_NUM_THREADS", "many")
-    with pytest.raises(ValueError, match="BATCHNORM_NUM_THREADS must be an int"):
-        _numba.get_num_threads()
-    monkeypatch.setenv("BATCHNORM_NUM_THREADS", "0")
-    with pytest.raises(ValueError, match="BATCHNORM_NUM_THREADS must be between 1"):
-        _numba.get_num_threads()
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_forked_child_after_parallel_parent_gets_the_same_result():
-    """GNU OpenMP aborts such a child if it starts a parallel region."""
-    x = np.random.default_rng(0).normal(size=(64, 8, 32, 32)).astype(np.float32)
-    _numba.set_num_threads(_numba._max_threads())
-    try:
-        _, mean, m2 = _numba.batch_moments(x, 1)
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report its result through the pipe, then exit
-            status = 1
-            try:
-                _, child_mean, child_m2 = _numba.batch_moments(x, 1)
-                os.write(write, np.concatenate([child_mean, child_m2]).tobytes())
-                status = 0
-            finally:
-                os._exit(status)
-        os.close(write)
-        with os.fdopen(read, "rb") as pipe:
-            data = pipe.read()
-        _, status = os.waitpid(pid, 0)
-    finally:
-        _numba.set_num_threads(None)
-    assert status == 0
-    child_mean, child_m2 = np.frombuffer(data, np.float64).reshape(2, -1)
-    count = x.size // x.shape[1]
-    x64 = x.astype(np.float64)
-    d = x64 - per_channel(first_per_channel(x64, 1), x64, 1)
-    abs_terms = channel_sums(np.abs(x64), 1) + channel_sums(np.abs(d), 1)
-    assert_sums_close(child_mean * count, mean * count, abs_terms, count)
-    assert_sums_close(child_m2, m2, channel_sums(d * d, 1), count)
-
-
-# -- the layer's buffers ---------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_layer_reuse_buffers(backend):
-    rng = np.random.default_rng(0)
-    xs = [rng.normal(size=(8, 3, 6, 6)).astype(np.float32) for _ in range(2)]
-    dys = [rng.normal(size=x.shape).astype(np.float32) for x in xs]
-    fresh = bn.BatchNorm(3, backend=backend)
-    reusing = bn.BatchNorm(3, backend=backend, reuse_buffers=True)
-    outputs = []
-    for x, dy in zip(xs, dys, strict=True):
-        y_ref, y = fresh(x), reusing(x)
-        np.testing.assert_array_equal(y, y_ref)
-        dx_ref, dx = fresh.backward(dy), reusing.backward(dy)
-        np.testing.assert_array_equal(dx, dx_ref)
-        outputs.append((y, dx, y_ref, dx_ref))
-    (y0, dx0, y0_ref, dx0_ref), (y1, dx1, y1_ref, dx1_ref) = outputs
-    assert y1 is y0 and dx1 is dx0  # the documented trade: the first call's arrays
-    assert y0_ref is not y1_ref and dx0_ref is not dx1_ref
-    reusing.eval()
-    assert reusing(xs[0]) is y0
-    np.testing.assert_array_equal(y0, fresh.eval()(xs[0]))
-
-
-def test_layer_reuse_buffers_never_writes_over_its_input():
-    layer = bn.BatchNorm(3, reuse_buffers=True)
-    x = np.random.default_rng(0).normal(5.0, 2.0, size=(8, 3, 4)).astype(np.float32)
-    y = layer(x)
-    y_again = layer(y)  # the previous output as input: a new buffer, not an error
-    assert y_again is not y
-    np.testing.assert_allclose(y_again, bn.BatchNorm(3)(y.copy()), atol=1e-6)
-
-
-# -- import and cache --------------------------------------------------------------
-def _python(code, **env):
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, **env},
-    )
-    return result.stdout.strip()
-
-
-def test_import_batchnorm_does_not_import_numba():
-    code = "import sys, batchnorm; print('numba' in sys.modules)"
-    assert _python(code) == "False"
-
-
-def test_default_backend_falls_back_to_numpy_without_numba():
-    """Where numba does not import, calls without ``backend=`` run on the NumPy
-    reference, and ``backend="numba"`` says how to install it."""
-    code = (
-        "import sys; sys.modules['numba'] = None\n"  # import numba raises
-        "import numpy as np, batchnorm as bn\n"
-        "from batchnorm import kernels\n"
-        "x = np.arange(12.0).reshape(4, 3)\n"
-        "y, cache = bn.functional.forward_train(x, None, None)\n"
-        "print(kernels.default(), kernels.available(), cache.mean.tolist())\n"
-        "try:\n"
-        "    bn.functional.forward_train(x, None, None, backend='numba')\n"
-        "except ImportError as exc:\n"
-        "    print('ImportError', 'batchnorm[fast]' in str(exc))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "BATCHNORM_BACKEND"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
-        "numpy ('numpy',) [4.5, 5.5, 6.5]",
-        "ImportError True",
-    ]
-
-
-def test_default_backend_is_looked_up_once(monkeypatch):
-    """The default backend and its module are found once per process: later
-    calls do not go through the import machinery again (a microsecond or two of
-    every functional call), and ``$BATCHNORM_BACKEND`` still wins on every call."""
-    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
-    assert kernels.default() == "numba"
-    assert kernels.resolve(None) is _numba
-    assert kernels.resolve("numpy") is reference
-
-    def no_imports(*args):
-        raise AssertionError("imported again")
-
-    monkeypatch.setattr(kernels, "available", no_imports)
-    monkeypatch.setattr(kernels.importlib, "import_module", no_imports)
-    assert kernels.default() == "numba"
-    assert kernels.resolve(None) is _numba
-    assert kernels.resolve("numpy") is reference
-    monkeypatch.setenv("BATCHNORM_BACKEND", "numpy")
-    assert kernels.resolve(None) is reference
-
-
-def test_kernels_cache_to_numba_cache_dir(tmp_path):
-    code = (
-        "import numpy as np, batchnorm as bn;"
-        "bn.functional.forward_train(np.ones((4, 2, 3), np.float32), None, None,"
-        " backend='numba')"
-    )
-    _python(code, NUMBA_CACHE_DIR=str(tmp_path))
-    assert any(p.suffix == ".nbi" for p in tmp_path.rglob("*"))
-
-
-def test_an_edit_of_a_helper_module_alone_reaches_the_cached_row_dispatch(tmp_path):
-    """Numba's cache checks only the cached function's own file, and the row
-    dispatch (``_loops.rows``) carries the channels-last bodies of
-    ``_loops_channels_last.py`` compiled in: the digest of the package's sources in
-    every cached name makes an edit of that module alone compile it anew, instead
-    of loading it."""
-    package = tmp_path / "site" / "batchnorm"
-    shutil.copytree(
-        Path(bn.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
-    )
-    code = (
-        "import numpy as np; from batchnorm.kernels.numba import _loops;"
-        "x = np.ones((1, 2, 3)); out = np.empty_like(x); v = np.ones(3);"
-        "_loops.launch.serial(_loops.DX + _loops.CHANNELS_LAST, x, x, out,"
-        " v, v, v, v, 1);"
-        "print(out[0, 0, 0])"
-    )
-    env = {"PYTHONPATH": str(package.parent), "NUMBA_CACHE_DIR": str(tmp_path / "c")}
-    before = _python(code, **env)  # ((1 − 1)·1 + 1 − 1)·1
-    helpers = package / "kernels" / "numba" / "_loops_channels_last.py"
-    line = "dst[c] = (dx - dbeta_mean[c]) * gain[c]"
-    assert helpers.read_text().count(line) == 1
-    helpers.write_text(helpers.read_text().replace(line, line + " + 7.0"))
-    assert (before, _python(code, **env)) == ("0.0", "7.0")
-
-
-def test_kernels_work_with_no_writable_cache_location(tmp_path):
-    """Read-only site-packages and no writable home: compile in-process instead.
-
-    Tests run as root here, which ignores permissions, so every location Numba
-    tries is made unusable by a plain file where it needs a directory: the
-    package's ``kernels/__pycache__``, ``~/.cache`` and ``$NUMBA_CACHE_DIR``.
-    """
-    package = tmp_path / "site" / "batchnorm"
-    shutil.copytree(
-        Path(bn.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
-    )
-    (package / "kernels" / "numba" / "__pycache__").write_text("not a directory")
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / ".cache").write_text("not a directory")
-    code = (
-        "import numpy as np, batchnorm as bn;"
-        "from batchnorm.kernels.numba import _loops;"
-        "x = np.random.default_rng(0).normal(size=(4, 2, 300)).astype(np.float32);"
-        "F = bn.functional;"
-        "y, c = F.forward_train(x, None, None, backend='numba');"
-        "ref, c_ref = F.forward_train(x, None, None, backend='numpy');"
-        "dx = F.backward(x, c, backend='numba')[0];"
-        "dx_ref = F.backward(x, c_ref, backend='numpy')[0];"
-        f"print(bn.__file__.startswith({str(package)!r}),"
-        " np.allclose(y, ref, rtol=0, atol=1e-6),"
-        " np.allclose(dx, dx_ref, rtol=0, atol=1e-6),"
-        " type(_loops.train_ncs._cache).__name__,"
-        " type(_loops._launch.serial._cache).__name__,"
-        " type(_loops.rows._cache).__name__)"
-    )
-    out = _python(
-        code,
-        PYTHONPATH=str(package.parent),
-        HOME=str(home),
-        NUMBA_CACHE_DIR=str(home / ".cache" / "numba"),
-    )
-    assert out == "True True True NullCache NullCache NullCache"
 
 
 # -- the two halves of the training gradient (synchronized layers) -------------------
@@ -1076,4 +641,4 @@ for shape, axis in [((3, 2, 4), 1), ((5, 3), 1), ((2, 3, 1030), 2)]:
     ok.append(np.allclose(d, e, rtol=1e-12, atol=1e-12))
 print(ok)
 """
-    assert _python(code, NUMBA_DISABLE_JIT="1") == str([True] * 9)
+    assert run_python(code, NUMBA_DISABLE_JIT="1") == str([True] * 9)

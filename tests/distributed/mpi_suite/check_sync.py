@@ -1,8 +1,8 @@
 """SyncBatchNorm under mpiexec: equal to one process on the concatenated batch.
 
-Run by tests/test_distributed.py as
-``mpiexec -n N python -m pytest tests/mpi_suite/check_sync.py``; every rank runs
-every test, in the same order, so the collectives line up.
+Run by tests/distributed/test_mpi.py as
+``mpiexec -n N python -m pytest tests/distributed/mpi_suite/check_sync.py``; every
+rank runs every test, in the same order, so the collectives line up.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 import batchnorm as bn
 from batchnorm.distributed import SyncBatchNorm, SyncError
-from launcher_spy import spy_on_launcher
+from helpers.launcher_spy import spy_on_launcher
 
 MPI = pytest.importorskip("mpi4py.MPI")
 COMM = MPI.COMM_WORLD
