@@ -125,8 +125,8 @@ X = np.random.default_rng(0).normal(size=(4, 3, 5))
         (
             lambda: F.forward_eval(X, None, None, np.zeros(3), -np.ones(3)),
             ValueError,
-            r"running_var must be finite and >= 0 in every channel; channels "
-            r"\[0, 1, 2\]",
+            r"running_var must be finite and >= 0 in every channel; 3 of 3 are not: "
+            r"channels \[0, 1, 2\] hold \[-1\.0, -1\.0, -1\.0\]",
         ),
         (
             lambda: F.forward_eval(
@@ -335,24 +335,27 @@ def test_failed_forward_leaves_layer_untouched():
         (
             lambda s: s.update(running_var=-np.ones(3)),
             ValueError,
-            r"state_dict\['running_var'\] must be finite and >= 0 \(in float32\); "
-            r"channels \[0, 1, 2\] hold \[-1\.0, -1\.0, -1\.0\]",
+            r"state_dict\['running_var'\] \(in float32\) must be finite and >= 0 in "
+            r"every channel; 3 of 3 are not: channels \[0, 1, 2\] hold "
+            r"\[-1\.0, -1\.0, -1\.0\]",
         ),
         (
             lambda s: s.update(running_mean=np.full(3, np.inf)),
             ValueError,
-            r"state_dict\['running_mean'\] must be finite \(in float32\); channels "
-            r"\[0, 1, 2\] hold \[inf, inf, inf\]",
+            r"state_dict\['running_mean'\] \(in float32\) must be finite in every "
+            r"channel; 3 of 3 are not: channels \[0, 1, 2\] hold \[inf, inf, inf\]",
         ),
         (
             lambda s: s.update(gamma=np.array([1.0, np.nan, 1.0])),
             ValueError,
-            r"state_dict\['gamma'\] must be finite .* channels \[1\] hold \[nan\]",
+            r"state_dict\['gamma'\] \(in float32\) must be finite in every channel; "
+            r"1 of 3 is not: channels \[1\] hold \[nan\]",
         ),
         (
             lambda s: s.update(beta=np.array([1.0, 1.0, 1e300])),
             ValueError,
-            r"state_dict\['beta'\] must be finite \(in float32\); channels \[2\]",
+            r"state_dict\['beta'\] \(in float32\) must be finite in every channel; "
+            r"1 of 3 is not: channels \[2\]",
         ),
         (
             lambda s: s.update(num_batches_tracked=-1),

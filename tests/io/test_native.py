@@ -120,11 +120,11 @@ def rewrite(path, mutate) -> None:
         (lambda h, a: a.update(beta=np.zeros(3, np.float64)), "has dtype float64"),
         (
             lambda h, a: a.update(running_mean=np.full(3, np.nan, np.float32)),
-            "running_mean has 3 non-finite",
+            "running_mean must be finite in every channel; 3 of 3 are not",
         ),
         (
             lambda h, a: a.update(running_var=np.array([1, -1, 1], np.float32)),
-            "running_var has 1 non-finite or negative values",
+            r"running_var must be finite and >= 0 in every channel; 1 of 3 is not",
         ),
         (lambda h, a: h["layers"][0].update(type="Nope"), "exactly one BatchNorm"),
         (lambda h, a: h["layers"][0].update(eps=-1.0), "invalid BatchNorm layer spec"),
@@ -149,7 +149,7 @@ def rewrite(path, mutate) -> None:
         ),
         (
             lambda h, a: a.update(gamma=np.array([1, np.nan, 1], np.float32)),
-            "gamma has 1 non-finite",
+            "gamma must be finite in every channel; 1 of 3 is not",
         ),
     ],
 )

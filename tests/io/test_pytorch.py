@@ -112,7 +112,11 @@ def test_load_state_dict_errors_leave_the_network_unchanged():
     np.testing.assert_array_equal(net.layers[1].running_mean, before)
     state = torch_net().state_dict()
     state["1.running_var"] = torch.full((4,), float("nan"))
-    with pytest.raises(bio.FormatError, match="1.running_var has 4 non-finite"):
+    with pytest.raises(
+        bio.FormatError,
+        match=r"1\.running_var must be finite and >= 0 in every channel; "
+        r"4 of 4 are not",
+    ):
         pytorch.load_state_dict(net, state)
     with pytest.raises(bio.FormatError, match="does not record its network structure"):
         pytorch.load_state_dict(None, torch_net().state_dict())

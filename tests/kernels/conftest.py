@@ -12,7 +12,7 @@ from helpers.launcher_spy import spy_on_launcher
 def threads(request):
     from batchnorm.kernels import numba as _numba
 
-    _numba.set_num_threads(min(request.param, _numba._max_threads()))
+    _numba.set_num_threads(min(request.param, _numba.max_threads()))
     yield request.param
     _numba.set_num_threads(None)
 

@@ -18,7 +18,7 @@ from helpers.kernel_cases import assert_sums_close  # noqa: E402
 def test_forked_child_after_parallel_parent_gets_the_same_result():
     """GNU OpenMP aborts such a child if it starts a parallel region."""
     x = np.random.default_rng(0).normal(size=(64, 8, 32, 32)).astype(np.float32)
-    _numba.set_num_threads(_numba._max_threads())
+    _numba.set_num_threads(_numba.max_threads())
     try:
         _, mean, m2 = _numba.batch_moments(x, 1)
         read, write = os.pipe()

@@ -466,17 +466,15 @@ def test_channels_last_reductions_add_every_row_once(rows, build, width):
 
 
 def test_call_by_address_refuses_arguments_of_another_type():
-    """The launchers call ``_loops.rows`` by address (``_indirect.call_rows``): an
+    """The launchers call ``_loops.rows`` by address (``_loops.call_rows``): an
     argument that does not convert to its fixed signature fails to compile, so
     no call ever passes arrays of another layout."""
     import numba
     from numba.core.errors import TypingError
 
-    from batchnorm.kernels.numba import _indirect
-
     @numba.njit
     def call(x, v, p):
-        _indirect.call_rows(0, 0, x, x, x, v, v, v, v, v, p, p, 0, 0, 0)
+        _loops.call_rows(0, 0, x, x, x, v, v, v, v, v, p, p, 0, 0, 0)
 
     vector, partials = np.empty(0), np.empty((0, 0))
     with pytest.raises(TypingError, match="does not convert"):

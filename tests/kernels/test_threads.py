@@ -13,13 +13,13 @@ from batchnorm.kernels import numba as _numba  # noqa: E402
 def test_thread_count_from_env_and_setter(monkeypatch):
     monkeypatch.setenv("BATCHNORM_NUM_THREADS", "1")
     assert _numba.get_num_threads() == 1
-    _numba.set_num_threads(_numba._max_threads())
+    _numba.set_num_threads(_numba.max_threads())
     try:
-        assert _numba.get_num_threads() == _numba._max_threads()
+        assert _numba.get_num_threads() == _numba.max_threads()
     finally:
         _numba.set_num_threads(None)
     monkeypatch.delenv("BATCHNORM_NUM_THREADS")
-    assert _numba.get_num_threads() == _numba._max_threads()
+    assert _numba.get_num_threads() == _numba.max_threads()
 
 
 @pytest.mark.parametrize(
