@@ -7,7 +7,7 @@ loss gradient by ``1 / N_global``; BatchNorm statistics span all shards
 (:class:`~batchnorm.distributed.SyncBatchNorm`); parameter gradients are summed
 across ranks, reduced to rank 0 and broadcast, so every rank applies bitwise the
 same update and the parameters stay identical. The result equals one process
-training on the whole batch (tests/mpi_suite/check_data_parallel.py).
+training on the whole batch (tests/distributed/mpi_suite/check_data_parallel.py).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ adds ``−decay·batch·w`` to the weights' (never to γ, β or biases), steps b
 ``lr/batch · updates`` and then scales the updates by ``momentum``; on the mean loss
 that is exactly :class:`SGD` with ``lr``, ``momentum`` and ``weight_decay=decay``
 (heavy-ball momentum, decay added to the gradient before momentum).
-``tests/test_nn_optim.py`` checks both equivalences step by step.
+``tests/nn/test_optim.py`` checks both equivalences step by step.
 """
 
 from __future__ import annotations
