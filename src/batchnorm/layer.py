@@ -39,13 +39,11 @@ class BatchNorm:
     num_features : int
         C, the number of channels.
     **options
-        ``axis=1``, ``eps=1e-6``, ``momentum=0.99``, ``running_var_kind="unbiased"``,
-        ``affine=True``, ``eps_placement``, ``ddof``, ``on_nonfinite``,
-        ``initial_running_mean``, ``initial_running_var``, ``dtype``, ``backend``,
-        ``reuse_buffers``, ``virtual_batch_size``, ``renorm``, ``rmax``, ``dmax``:
-        documented once, in :class:`~batchnorm.options.LayerOptions`. Each is
-        readable as an attribute (``layer.eps``); setting one checks it again.
-        ``num_features``, ``affine`` and ``dtype`` are fixed at construction.
+        Every other field of :class:`~batchnorm.options.LayerOptions` (``axis``,
+        ``eps``, ``momentum``, ``running_var_kind``, ``affine``, ...), documented
+        there once. Each is readable as an attribute (``layer.eps``); setting one
+        checks it again. ``num_features``, ``affine`` and ``dtype`` are fixed at
+        construction.
 
     Attributes
     ----------

@@ -45,7 +45,7 @@ from batchnorm.kernels._layout import channel_shape, reduce_axes
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _quiet(func: _F) -> _F:
+def quiet_nonfinite(func: _F) -> _F:
     """NaN/inf in the data propagate to the result without NumPy warnings.
 
     Non-finite input is the caller's to see in the output; the guard that matters,
@@ -72,7 +72,7 @@ def _per_channel(vec: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return vec.reshape(channel_shape(ndim, axis, vec.shape[0]))
 
 
-@_quiet
+@quiet_nonfinite
 def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Two-pass ``(count, mean, M2)`` per channel, in float64."""
     num_channels = x.shape[axis]
@@ -88,7 +88,7 @@ def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray
     return int(count), mean, m2
 
 
-@_quiet
+@quiet_nonfinite
 def normalize(
     x: np.ndarray,
     axis: int,
@@ -146,7 +146,7 @@ def _x_hat(
     return x_hat
 
 
-@_quiet
+@quiet_nonfinite
 def param_grads(
     dy: np.ndarray, x: np.ndarray, axis: int, mean: np.ndarray, inv_std: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -165,7 +165,7 @@ def grad_sums(
     return dgamma, dbeta
 
 
-@_quiet
+@quiet_nonfinite
 def backward_train(
     dy: np.ndarray,
     x: np.ndarray,
@@ -183,7 +183,7 @@ def backward_train(
     return _finish(dx, x.dtype, out), dgamma, dbeta
 
 
-@_quiet
+@quiet_nonfinite
 def backward_apply(
     dy: np.ndarray,
     x: np.ndarray,
@@ -229,7 +229,7 @@ def _apply_train(
     return dx
 
 
-@_quiet
+@quiet_nonfinite
 def backward_eval(
     dy: np.ndarray,
     x: np.ndarray,

@@ -365,7 +365,7 @@ def _grad_sums(
     return sum_dy_xmu * _vec(inv_std), dbeta
 
 
-@reference._quiet
+@reference.quiet_nonfinite
 def _apply(
     dy3: np.ndarray,
     x3: np.ndarray,
@@ -452,7 +452,7 @@ def backward_train(
     return dx, dgamma, dbeta
 
 
-@reference._quiet
+@reference.quiet_nonfinite
 def backward_eval(
     dy: np.ndarray,
     x: np.ndarray,
