@@ -6,6 +6,7 @@ Every error names the parameter, what was expected, what was received and a fix.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -46,8 +47,8 @@ def as_float_array(value: Any, name: str) -> np.ndarray:
 def check_input(x: Any, axis: int) -> tuple[np.ndarray, int]:
     """Validate the data array and the channel axis; return (x, axis >= 0)."""
     x = as_float_array(x, "x")
-    if type(axis) is int and -x.ndim < axis < x.ndim and axis % x.ndim:
-        return x, axis % x.ndim  # a valid axis (so x.ndim >= 2): the common case
+    if type(axis) is int and -x.ndim <= axis < x.ndim and x.ndim >= 2:
+        return x, axis % x.ndim  # the common case
     if x.ndim < 2:
         raise ValueError(
             f"x must have at least 2 dimensions (N, C, ...); got shape {x.shape}. "
@@ -62,14 +63,7 @@ def check_input(x: Any, axis: int) -> tuple[np.ndarray, int]:
             f"got axis={axis}. Use axis=1 for (N, C, ...) or axis=-1 for "
             "channels-last."
         )
-    axis = int(axis) % x.ndim
-    if axis == 0:
-        raise ValueError(
-            f"axis=0 would make the batch axis the channel axis (x shape "
-            f"{x.shape}); the statistics need the batch axis 0 to reduce over. "
-            "Move the batch to axis 0, e.g. np.moveaxis(x, k, 0)."
-        )
-    return x, axis
+    return x, int(axis) % x.ndim
 
 
 def check_channel_vector(
@@ -101,14 +95,16 @@ def require_channel_vector(value: Any, name: str, num_channels: int) -> np.ndarr
 
 
 def check_eps(eps: Any) -> float:
-    if type(eps) is float and 0.0 <= eps < math.inf:
+    if type(eps) is float and 0.0 < eps < math.inf:
         return eps  # the common case (NaN fails the comparison)
     if isinstance(eps, bool) or not isinstance(eps, int | float | np.floating):
-        raise TypeError(f"eps must be a non-negative float; got {type(eps).__name__}.")
+        raise TypeError(f"eps must be a positive float; got {type(eps).__name__}.")
     eps = float(eps)
-    if not (np.isfinite(eps) and eps >= 0.0):
+    if not (np.isfinite(eps) and eps > 0.0):
         raise ValueError(
-            f"eps must be a finite float >= 0; got {eps}. The seed uses 1e-6."
+            f"eps must be a finite float > 0; got {eps}. With eps = 0 a constant "
+            "channel has variance 0 and normalizes to NaN (0/0). The seed uses 1e-6; "
+            "for a negligible ε pass a tiny one, e.g. 1e-30."
         )
     return eps
 
@@ -132,6 +128,14 @@ def check_momentum(momentum: Any) -> float | None:
             f"momentum must be in [0, 1] (the weight on the OLD running value; "
             f"0.99 is the seed's choice, PyTorch's momentum=0.1 is our 0.9) or None "
             f"for exact cumulative statistics; got {momentum}.{hint}"
+        )
+    if momentum == 1.0:
+        warnings.warn(
+            "momentum=1.0 keeps the running statistics at their initial values "
+            "forever: momentum is the weight on the OLD value here. PyTorch's "
+            "momentum=1.0 (keep only the last batch) is our momentum=0.0.",
+            UserWarning,
+            stacklevel=3,
         )
     return momentum
 
@@ -227,20 +231,24 @@ def check_running(
 
 def training_count_error(x: np.ndarray, axis: int, count: int) -> ValueError:
     """The error for fewer than 2 values per channel in training (spells out m)."""
-    spatial = [s for a, s in enumerate(x.shape) if a not in (0, axis)]
-    product = " · ".join(str(s) for s in [x.shape[0], *spatial])
+    sizes = [str(s) for a, s in enumerate(x.shape) if a != axis]
+    product = " · ".join(sizes) + (f" = {count}" if len(sizes) > 1 else "")
     return ValueError(
         f"training needs at least 2 values per channel to estimate a variance, but x "
         f"of shape {x.shape} with channel axis {axis} has m = N · ∏ spatial = "
-        f"{product} = {count}. Use a batch of 2 or more samples, or normalize with "
-        "the running statistics instead (forward_eval, or layer.eval())."
+        f"{product}. Use a batch of 2 or more samples, or normalize with the running "
+        "statistics instead (forward_eval, or layer.eval())."
     )
 
 
 def check_out(
-    out: Any, x: np.ndarray, *inputs: tuple[str, np.ndarray]
+    out: Any, x: np.ndarray, *inputs: tuple[str, np.ndarray | None]
 ) -> np.ndarray | None:
-    """Validate an ``out=`` array for a result shaped like ``x``."""
+    """Validate an ``out=`` array for a result shaped like ``x``.
+
+    ``inputs`` are every array the operation reads (None for an absent one): the
+    kernels read them while they write ``out``, so none may share its memory.
+    """
     if out is None:
         return None
     if not isinstance(out, np.ndarray):
@@ -264,6 +272,8 @@ def check_out(
             "(np.empty_like(x)) or out=None."
         )
     for name, array in inputs:
+        if array is None:
+            continue
         if np.may_share_memory(out, array) and np.shares_memory(out, array):
             raise ValueError(
                 f"out must not share memory with {name}: the kernels read {name} "

@@ -83,12 +83,15 @@ def forward_train(
     Parameters
     ----------
     x : ndarray, shape (N, C, *) with C at ``axis``
-        float16, bfloat16, float32 or float64; any strides.
+        float16, bfloat16, float32 or float64; any strides. An empty batch
+        (``x.size == 0``) gives an empty ``y`` and a cache of count 0, whose
+        :func:`backward` is an empty ``dx`` and zero parameter gradients, and
+        which :func:`update_running_stats` leaves the running statistics by.
     gamma, beta : ndarray, shape (C,), or None
         Scale and shift; ``None`` means 1 and 0.
     axis : int, default 1
-        The channel axis (``-1`` for channels-last). Not 0: that is the batch.
-    eps : float, default 1e-6
+        The channel axis (``-1`` for channels-last, ``0`` for (C, N, ...)).
+    eps : float > 0, default 1e-6
         Added to the variance inside the square root (the seed).
     eps_placement : {"inside", "outside"}
         ``"outside"`` reproduces darknet: ``(x − μ) / (√var + ε)``.
@@ -115,7 +118,7 @@ def forward_train(
         Non-floating ``x``, ``gamma`` or ``beta``.
     ValueError
         Fewer than 2 dimensions, a bad axis, parameter shapes that do not match C,
-        or fewer than 2 values per channel (the variance is undefined).
+        ``eps <= 0``, or 1 value per channel (the variance is undefined).
 
     Examples
     --------
@@ -132,14 +135,11 @@ def forward_train(
         x, axis, gamma, beta, eps, eps_placement
     )
     ddof = check_ddof(ddof)
-    out = check_out(out, x, ("x", x))
+    out = check_out(out, x, ("x", x), ("gamma", gamma), ("beta", beta))
     num_channels = x.shape[axis]
     count = x.size // num_channels if num_channels else 0
     if x.size == 0:
-        raise ValueError(
-            f"cannot compute batch statistics of an empty batch (x shape {x.shape}). "
-            "Skip the step, or use forward_eval, which accepts empty input."
-        )
+        return empty_pass(x, gamma, axis, eps, eps_placement, ddof, out)
     if count < 2:
         raise training_count_error(x, axis, count)
     ops = kernels.resolve(backend)
@@ -185,17 +185,41 @@ def forward_from_moments(
             f"moments must be a Moments of {num_channels} channels (x.shape[axis]); "
             f"got {moments!r}. Build it with Moments.from_array and merge."
         )
+    ddof = check_ddof(ddof)
+    out = check_out(out, x, ("x", x), ("gamma", gamma), ("beta", beta))
+    if moments.count == 0 and x.size == 0:
+        return empty_pass(x, gamma, axis, eps, eps_placement, ddof, out)
     if moments.count < 2:
         raise ValueError(
             f"moments must hold at least 2 values per channel; got count = "
             f"{moments.count}. The variance of fewer values is undefined."
         )
-    ddof = check_ddof(ddof)
-    out = check_out(out, x, ("x", x))
     ops = kernels.resolve(backend)
     return _normalize_by(
         ops, x, moments, gamma, beta, axis, eps, eps_placement, ddof, out
     )
+
+
+def empty_pass(
+    x: np.ndarray,
+    gamma: np.ndarray | None,
+    axis: int,
+    eps: float,
+    eps_placement: str,
+    ddof: int,
+    out: np.ndarray | None,
+) -> tuple[np.ndarray, Cache]:
+    """The training pass of an empty batch: empty ``y``, a cache of count 0.
+
+    Detection heads with no proposals and data-parallel ranks without samples
+    send such batches; PyTorch, Keras and TensorFlow return an empty output too.
+    The batch has no statistics: ``inv_std`` is NaN and ``cache.var`` raises.
+    """
+    num_channels = x.shape[axis]
+    y = np.empty(x.shape, x.dtype) if out is None else out
+    inv_std = np.full(num_channels, np.nan)
+    moments = Moments.empty(num_channels)
+    return y, Cache(x, moments, inv_std, gamma, axis, eps, eps_placement, ddof)
 
 
 def _normalize_by(
@@ -262,7 +286,11 @@ def backward(
         )
     x, axis = cache.x, cache.axis
     dy = check_dy(dy, x)
-    out = check_out(out, x, ("x", x), ("dy", dy))
+    out = check_out(out, x, ("x", x), ("dy", dy), ("gamma", cache.gamma))
+    if x.size == 0:  # an empty batch (see forward_train)
+        num_channels = x.shape[axis]
+        dx = np.empty(x.shape, x.dtype) if out is None else out
+        return dx, np.zeros(num_channels), np.zeros(num_channels)
     k = gradient_k(cache.moments, cache.eps, cache.eps_placement, cache.ddof)
     ops = kernels.resolve(backend)
     return ops.backward_train(
@@ -319,7 +347,7 @@ def forward_eval(
     --------
     >>> import numpy as np
     >>> forward_eval(np.array([[4.0], [6.0]]), None, None, np.array([5.0]),
-    ...              np.array([4.0]), eps=0.0, backend="numpy")
+    ...              np.array([4.0]), eps=1e-30, backend="numpy")
     array([[-0.5],
            [ 0.5]])
     """
@@ -327,7 +355,15 @@ def forward_eval(
         x, axis, gamma, beta, eps, eps_placement
     )
     running_mean, running_var = check_running(running_mean, running_var, x.shape[axis])
-    out = check_out(out, x, ("x", x))
+    out = check_out(
+        out,
+        x,
+        ("x", x),
+        ("gamma", gamma),
+        ("beta", beta),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    )
     inv_std = inv_std_of(running_var, eps, eps_placement)
     scale = channel_gain(inv_std, gamma)
     mean = running_mean.astype(np.float64)
@@ -367,7 +403,15 @@ def backward_eval(
     )
     dy = check_dy(dy, x)
     running_mean, running_var = check_running(running_mean, running_var, x.shape[axis])
-    out = check_out(out, x, ("x", x), ("dy", dy))
+    out = check_out(
+        out,
+        x,
+        ("x", x),
+        ("dy", dy),
+        ("gamma", gamma),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    )
     inv_std = inv_std_of(running_var, eps, eps_placement)
     ops = kernels.resolve(backend)
     return ops.backward_eval(

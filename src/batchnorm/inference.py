@@ -46,14 +46,15 @@ def _fold_target(layer: Any, norm: BatchNorm) -> bool:
 
 def _scale(norm: BatchNorm) -> np.ndarray:
     """``a = γ · inv_std(running_var)`` in float64, per channel."""
-    scale = F.inv_std_of(norm.running_var, norm.eps, norm.eps_placement)
-    if norm.gamma is not None:
-        scale = scale * norm.gamma.astype(np.float64)
+    with np.errstate(over="ignore", divide="ignore"):  # reported just below
+        scale = F.inv_std_of(norm.running_var, norm.eps, norm.eps_placement)
+        if norm.gamma is not None:
+            scale = scale * norm.gamma.astype(np.float64)
     if not np.isfinite(scale).all():
         bad = np.flatnonzero(~np.isfinite(scale))[:8].tolist()
         raise ValueError(
             f"cannot fold {norm!r}: γ / σ is not finite in channels {bad} (running_var "
-            "0 with eps=0?). Give the layer an eps > 0 or recalibrate it first."
+            "0 with a tiny eps?). Give the layer a larger eps or recalibrate it first."
         )
     return scale
 

@@ -9,6 +9,7 @@ format and no communication.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -60,6 +61,12 @@ class BatchNorm:
     grad_gamma, grad_beta : ndarray or None
         Set by :meth:`backward`.
 
+    Notes
+    -----
+    A layer is not thread-safe: use one per thread. A call that enters a layer
+    another thread is inside raises ``RuntimeError`` instead of mixing the two
+    threads' passes and running statistics.
+
     Examples
     --------
     >>> import numpy as np
@@ -97,6 +104,7 @@ class BatchNorm:
         self.update_running_stats = True
         self.trainable = True
         self._buffers = OutputBuffers()
+        self._in_use = threading.RLock()
         self._cache: F.Cache | None = None
         self._groups: ghost.GroupPass | None = None
         self._eval_input: np.ndarray | None = None
@@ -180,6 +188,27 @@ class BatchNorm:
 
     def forward(self, x: Any) -> np.ndarray:
         """Normalize ``x`` according to the mode; see the class docstring."""
+        self._claim("forward")
+        try:
+            return self._forward(x)
+        finally:
+            self._in_use.release()
+
+    def _claim(self, call: str) -> None:
+        """Hold the layer for this thread; another thread inside it is an error.
+
+        A layer is not thread-safe: its forward pass is what the next backward
+        pass differentiates, and each training pass updates the running
+        statistics. Two threads in one layer would silently mix both.
+        """
+        if not self._in_use.acquire(blocking=False):
+            raise RuntimeError(
+                f"{type(self).__name__}.{call}() called while another thread is "
+                "inside this layer: a layer is not thread-safe. Use one layer per "
+                "thread (copy.deepcopy(layer)), or hold a lock around its calls."
+            )
+
+    def _forward(self, x: Any) -> np.ndarray:
         x, _ = check_input(x, self.options.axis)
         self._check_channels(x)
         if not (self.use_batch_stats or self.update_running_stats):
@@ -276,6 +305,13 @@ class BatchNorm:
         RuntimeError
             When no forward pass came first.
         """
+        self._claim("backward")
+        try:
+            return self._backward(dy)
+        finally:
+            self._in_use.release()
+
+    def _backward(self, dy: Any) -> np.ndarray:
         if self._groups is not None:
             out = self._buffer("dx", self._groups.x, np.asarray(dy))
             dx, dgamma, dbeta = ghost.backward_pass(self.options, self._groups, dy, out)
@@ -398,6 +434,15 @@ class BatchNorm:
             )
         )
         self._cache = self._eval_input = self._groups = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_in_use"]  # a lock is per object and cannot be copied
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__["_in_use"] = threading.RLock()
 
     def __repr__(self) -> str:
         mode = (

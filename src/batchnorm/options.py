@@ -35,8 +35,8 @@ class LayerOptions:
     num_features : int
         C, the number of channels.
     axis : int, default 1
-        Channel axis of the input; ``-1`` for channels-last.
-    eps : float, default 1e-6
+        Channel axis of the input; ``-1`` for channels-last, ``0`` for (C, N, ...).
+    eps : float > 0, default 1e-6
     momentum : float in [0, 1] or None, default 0.99
         Weight on the OLD running value (PyTorch's 0.1 is our 0.9). ``None``: exact
         cumulative statistics of every value seen.
@@ -138,6 +138,13 @@ class LayerOptions:
                 self.initial_running_mean, self.initial_running_var
             )
         )
+        if checked["virtual_batch_size"] is not None and checked["axis"] == 0:
+            raise ValueError(
+                "virtual_batch_size splits the batch along axis 0, but axis=0 makes "
+                "axis 0 the channel axis; got axis=0 with virtual_batch_size="
+                f"{checked['virtual_batch_size']}. Put the batch first (N, C, ...) "
+                "with axis=1, or drop virtual_batch_size."
+            )
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
@@ -168,14 +175,9 @@ def check_num_features(num_features: Any) -> int:
 
 
 def check_layer_axis(axis: Any) -> int:
-    """The channel axis: an int other than 0 (each input checks it against its rank)."""
+    """The channel axis: an int (each input checks it against its rank)."""
     if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
         raise TypeError(f"axis must be an int; got {type(axis).__name__}.")
-    if axis == 0:
-        raise ValueError(
-            "axis=0 is the batch axis; use axis=1 for (N, C, ...) or axis=-1 for "
-            "channels-last."
-        )
     return int(axis)
 
 

@@ -191,9 +191,9 @@ def forward_renorm(
     Examples
     --------
     >>> import numpy as np
-    >>> x = np.array([[1.0], [3.0]])                 # μ_B = 2, σ_B = 1 (eps=0)
+    >>> x = np.array([[1.0], [3.0]])                 # μ_B = 2, σ_B = 1 (ε negligible)
     >>> y, cache = forward_renorm(x, None, None, np.array([0.0]), np.array([4.0]),
-    ...                           eps=0.0, backend="numpy")
+    ...                           eps=1e-30, backend="numpy")
     >>> cache.r, cache.d                              # σ_run = 2: r = 1/2, d = 1
     (array([0.5]), array([1.]))
     >>> y                                             # (x − μ_run)/σ_run
@@ -207,12 +207,19 @@ def forward_renorm(
     running_mean, running_var = check_running(running_mean, running_var, num_channels)
     rmax, dmax = check_renorm_limits(rmax, dmax)
     ddof = check_ddof(ddof)
-    out = check_out(out, x, ("x", x))
+    out = check_out(
+        out,
+        x,
+        ("x", x),
+        ("gamma", gamma),
+        ("beta", beta),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    )
     count = x.size // num_channels if num_channels else 0
-    if x.size == 0:
-        raise ValueError(
-            f"cannot compute batch statistics of an empty batch (x shape {x.shape})."
-        )
+    if x.size == 0:  # as forward_train: empty y, no statistics, r = 1 and d = 0
+        y, cache = F.empty_pass(x, gamma, axis, eps, eps_placement, ddof, out)
+        return y, RenormCache(cache, np.ones(num_channels), np.zeros(num_channels))
     if count < 2:
         raise training_count_error(x, axis, count)
     ops = kernels.resolve(backend)

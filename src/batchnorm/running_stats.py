@@ -53,6 +53,8 @@ class RunningState:
         or results that overflow the parameter dtype); ``on_nonfinite`` decides
         between raising and skipping the batch with a warning.
         """
+        if moments.count == 0:  # an empty batch: nothing to learn, nothing counted
+            return self
         try:
             mean, var = update_running_stats(
                 self.mean,
@@ -134,6 +136,8 @@ def update_running_stats(
     kind = check_choice(running_var_kind, "running_var_kind", RUNNING_VAR_KINDS)
     on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", ON_NONFINITE)
     ddof = 1 if kind == "unbiased" else 0
+    if moments.count == 0:  # an empty batch leaves the running statistics be
+        return running_mean.copy(), running_var.copy()
     if moments.count <= ddof:
         raise ValueError(
             f"running_var_kind={kind!r} needs more than {ddof} value per channel in "
@@ -159,13 +163,23 @@ def update_running_stats(
             f"the updated running statistics overflow {running_var.dtype} in "
             f"channels {bad[:8].tolist()} (batch variance "
             f"{moments.var(ddof)[bad[:8]].tolist()}); they were left unchanged. "
-            "Keep the running statistics in float32 or float64 (BatchNorm dtype=), "
-            "or rescale the input."
+            f"{_wider_dtype_advice(running_var.dtype)}"
         )
     if on_nonfinite == "raise":
         raise NonFiniteStatisticsError(message)
     warnings.warn(message, RuntimeWarning, stacklevel=2)
     return running_mean.copy(), running_var.copy()
+
+
+def _wider_dtype_advice(dtype: np.dtype) -> str:
+    """How to store statistics that overflow ``dtype``."""
+    wider = {"float16": "float32 or float64", "float32": "float64"}.get(dtype.name)
+    if wider is None:
+        return "Rescale the input: the statistics overflow even float64."
+    return (
+        f"Keep the running statistics in {wider} (BatchNorm dtype=), or rescale "
+        "the input."
+    )
 
 
 def _blend(

@@ -42,11 +42,6 @@ X = np.random.default_rng(0).normal(size=(4, 3, 5))
             r"axis must be in \[-3, 2\] .* got axis=3",
         ),
         (
-            lambda: F.forward_train(X, None, None, axis=0),
-            ValueError,
-            r"axis=0 would make the batch axis the channel axis",
-        ),
-        (
             lambda: F.forward_train(X, None, None, axis=1.0),
             TypeError,
             r"axis must be an int; got float",
@@ -75,17 +70,22 @@ X = np.random.default_rng(0).normal(size=(4, 3, 5))
         (
             lambda: F.forward_train(np.ones((1, 3)), None, None),
             ValueError,
-            r"at least 2 values per channel .* m = N · ∏ spatial = 1 = 1",
-        ),
-        (
-            lambda: F.forward_train(np.ones((0, 3)), None, None),
-            ValueError,
-            r"empty batch",
+            r"at least 2 values per channel .* m = N · ∏ spatial = 1\. Use",
         ),
         (
             lambda: F.forward_train(X, None, None, eps=-1.0),
             ValueError,
-            r"eps must be a finite float >= 0; got -1\.0",
+            r"eps must be a finite float > 0; got -1\.0",
+        ),
+        (
+            lambda: F.forward_train(X, None, None, eps=0.0),
+            ValueError,
+            r"eps must be a finite float > 0; got 0\.0\. With eps = 0 a constant",
+        ),
+        (
+            lambda: F.forward_eval(X, None, None, np.zeros(3), np.ones(3), eps=0),
+            ValueError,
+            r"eps must be a finite float > 0; got 0\.0",
         ),
         (
             lambda: F.forward_train(X, None, None, eps=np.nan),
@@ -95,7 +95,7 @@ X = np.random.default_rng(0).normal(size=(4, 3, 5))
         (
             lambda: F.forward_train(X, None, None, eps="1e-6"),
             TypeError,
-            r"eps must be a non-negative float; got str",
+            r"eps must be a positive float; got str",
         ),
         (
             lambda: F.forward_train(X, None, None, eps_placement="under"),
@@ -265,7 +265,16 @@ def test_bfloat16_parameters_are_refused_with_the_reason():
     [
         ({"num_features": 0}, ValueError, r"num_features must be >= 1; got 0"),
         ({"num_features": 3.0}, TypeError, r"num_features must be an int .* got float"),
-        ({"num_features": 3, "axis": 0}, ValueError, r"axis=0 is the batch axis"),
+        (
+            {"num_features": 3, "axis": 0, "virtual_batch_size": 4},
+            ValueError,
+            r"virtual_batch_size splits the batch along axis 0, but axis=0",
+        ),
+        (
+            {"num_features": 3, "eps": 0.0},
+            ValueError,
+            r"eps must be a finite float > 0",
+        ),
         ({"num_features": 3, "momentum": 2}, ValueError, r"momentum must be in"),
         ({"num_features": 3, "eps": -1}, ValueError, r"eps must be a finite float"),
         (

@@ -433,8 +433,8 @@ def test_other_errors():
         backward_renorm(np.ones((2, C)), object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least 2 values per channel"):
         forward_renorm(np.ones((1, C)), None, None, np.zeros(C), np.ones(C))
-    with pytest.raises(ValueError, match="empty batch"):
-        forward_renorm(np.ones((0, C)), None, None, np.zeros(C), np.ones(C))
+    y, cache = forward_renorm(np.ones((0, C)), None, None, np.zeros(C), np.ones(C))
+    assert y.shape == (0, C) and cache.moments.count == 0  # an empty batch passes
     layer = make_layer(virtual_batch_size=2)
     layer(data((4, C)))
     with pytest.raises(ValueError, match="dy must have the shape"):

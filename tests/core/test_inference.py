@@ -162,10 +162,10 @@ def test_fold_is_computed_in_float64():
     # γ/σ = 1e4 and W near 1: the product rounded once, not twice.
     layer = nn.Linear(1, 1, bias=False, rng=0)
     layer.weight[:] = np.float32(1.0000001)
-    batch_norm = bn.BatchNorm(1, eps=0.0).eval()
+    batch_norm = bn.BatchNorm(1, eps=1e-30).eval()  # ε below the variance's ulp
     batch_norm.running_var[:] = np.float32(3e-9)
     folded = fold(nn.Sequential([layer, batch_norm]))[0]
-    exact = 1.0000001192092896 / np.sqrt(np.float64(np.float32(3e-9)))
+    exact = 1.0000001192092896 / np.sqrt(np.float64(np.float32(3e-9)) + 1e-30)
     assert folded.weight[0, 0] == np.float32(exact)
 
 
@@ -191,7 +191,8 @@ def test_fold_errors(network, error, match):
 
 
 def test_fold_infinite_scale_error():
-    batch_norm = bn.BatchNorm(2, eps=0.0)
+    # ε > 0 is required; outside the root, 1/(√0 + 1e-320) overflows to inf.
+    batch_norm = bn.BatchNorm(2, eps=1e-320, eps_placement="outside")
     batch_norm.running_var[:] = 0.0
     with pytest.raises(ValueError, match="not finite in channels \\[0, 1\\]"):
         fold(nn.Sequential([nn.Linear(2, 2), batch_norm]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -48,7 +50,7 @@ def rounding_bound(x):
     return 64 * np.finfo(np.float64).eps * kappa
 
 
-@given(batches(), st.sampled_from([0.0, 1e-6, 1e-2]))
+@given(batches(), st.sampled_from([1e-30, 1e-6, 1e-2]))
 def test_output_mean_zero_and_variance_closed_form(data, eps):
     x, _ = data
     y, cache = F.forward_train(x, None, None, eps=eps, backend="numpy")
@@ -124,8 +126,10 @@ def test_layout_equivariance(data):
 def test_ema_closed_form(momentum, steps, batch_mean, batch_var):
     m = bn.Moments(5, np.array([batch_mean]), np.array([batch_var * 4]))
     mean, var = np.array([0.0]), np.array([1.0])
-    for _ in range(steps):
-        mean, var = F.update_running_stats(mean, var, m, momentum=momentum)
+    with warnings.catch_warnings():  # momentum=1.0 warns (tests/core/test_edges.py)
+        warnings.filterwarnings("ignore", "momentum=1.0 keeps", UserWarning)
+        for _ in range(steps):
+            mean, var = F.update_running_stats(mean, var, m, momentum=momentum)
     w = momentum**steps
     np.testing.assert_allclose(mean, (1 - w) * batch_mean, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(var, w + (1 - w) * batch_var, rtol=1e-9)

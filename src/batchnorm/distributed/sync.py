@@ -202,6 +202,13 @@ class SyncBatchNorm(BatchNorm):
     # -- forward / backward ----------------------------------------------------------
     def forward(self, x: Any) -> np.ndarray:
         """Normalize with the global batch's statistics (training) or running ones."""
+        self._claim("forward")
+        try:
+            return self._forward(x)
+        finally:
+            self._in_use.release()
+
+    def _forward(self, x: Any) -> np.ndarray:
         communicating = self.use_batch_stats or self.update_running_stats
         try:
             x, _ = check_input(x, self.axis)
@@ -221,7 +228,7 @@ class SyncBatchNorm(BatchNorm):
         for row in gathered:
             c = self.num_features
             total = total.merge(Moments(int(row[0]), row[1 : 1 + c], row[1 + c :]))
-        if total.count < 2:
+        if total.count == 1:  # 0: every shard is empty, an empty global batch
             raise ValueError(
                 f"training needs at least 2 values per channel over all ranks; the "
                 f"global batch has m = N · ∏ spatial = {total.count} (per rank: "
@@ -249,11 +256,18 @@ class SyncBatchNorm(BatchNorm):
 
     def backward(self, dy: Any) -> np.ndarray:
         """Exact gradient of the synchronized forward; one all-gather of sums."""
+        self._claim("backward")
+        try:
+            return self._backward(dy)
+        finally:
+            self._in_use.release()
+
+    def _backward(self, dy: Any) -> np.ndarray:
         c = self.num_features
         cache = self._cache
         if cache is None:
             if self._eval_input is not None:
-                return super().backward(dy)  # eval mode: local, no communication
+                return super()._backward(dy)  # eval mode: local, no communication
             # Tell the other ranks (waiting in their forward) before failing here.
             self._send_marker(_ABORT, "backward")
             raise RuntimeError(
@@ -279,9 +293,9 @@ class SyncBatchNorm(BatchNorm):
         for row in gathered:
             sum_dbeta += row[1 : 1 + c]
             sum_dgamma += row[1 + c :]
-        k = F.gradient_k(cache.moments, cache.eps, cache.eps_placement, cache.ddof)
-        dx = (
-            ops.backward_apply(
+        if x.size:
+            k = F.gradient_k(cache.moments, cache.eps, cache.eps_placement, cache.ddof)
+            dx = ops.backward_apply(
                 dy,
                 x,
                 axis,
@@ -294,9 +308,8 @@ class SyncBatchNorm(BatchNorm):
                 sum_dbeta,
                 out=self._buffer("dx", x, dy),
             )
-            if x.size
-            else np.empty(x.shape, x.dtype)
-        )
+        else:  # an empty shard (or an empty global batch): nothing to differentiate
+            dx = np.empty(x.shape, x.dtype)
         if self.affine:
             self.grad_gamma = dgamma.astype(self.dtype)
             self.grad_beta = dbeta.astype(self.dtype)
