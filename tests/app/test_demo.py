@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from batchnorm.app import demo
 from batchnorm.app import main as cli
 
 
@@ -87,6 +88,55 @@ def test_quick_demo_writes_results_and_figures(quick_demo):
         assert data.startswith(b"\x89PNG") and 10_000 < len(data) < 300_000
 
 
-def test_demo_rejects_unknown_models(tmp_path):
-    with pytest.raises(SystemExit, match="--models"):
-        cli.main(["demo", "--quick", "--models", "resnet", "--out", str(tmp_path)])
+BAD_ARGUMENTS = {
+    "unknown model": (["--models", "resnet"], "--models"),
+    "no model": (["--models", ","], "--models"),
+    "negative learning rate": (["--lrs", "0.1,-1"], "--lrs"),
+    "zero learning rate": (["--lrs", "0"], "--lrs"),
+    "nan learning rate": (["--lrs", "nan"], "--lrs"),
+    "no steps": (["--steps", "0"], "--steps"),
+    "no seeds": (["--seeds", "0"], "--seeds"),
+    "batch of one": (["--batch-size", "1"], "--batch-size"),
+    "batch over the training set": (["--batch-size", "5000"], "--batch-size"),
+    "unknown backend": (["--backend", "cuda"], "--backend"),
+    "negative shared learning rate": (["--shared-lr", "-1"], "--shared-lr"),
+    "target accuracy over 1": (["--target-accuracy", "1.5"], "--target-accuracy"),
+    "no workers": (["--jobs", "0"], "--jobs"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_demo_rejects_bad_arguments_before_training(
+    case, tmp_path, monkeypatch, capsys
+):
+    argv, flag = BAD_ARGUMENTS[case]
+    monkeypatch.setattr(demo, "_execute", _no_training)
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--quick", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"batchnorm demo: {flag} ") and err.count("\n") == 1, err
+    assert "; got " in err
+    assert not out.exists()
+
+
+def test_demo_rejects_an_out_that_is_a_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "_execute", _no_training)
+    existing = tmp_path / "results.txt"
+    existing.write_text("keep me")
+    for out in (existing, existing / "sub"):
+        assert cli.main(["demo", "--quick", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("batchnorm demo: --out ") and err.count("\n") == 1
+        assert str(existing) in err
+    assert existing.read_text() == "keep me"
+
+
+def test_demo_lrs_that_are_not_numbers_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--lrs", "0.1,fast"])
+    assert exit_info.value.code == 2
+    assert "argument --lrs: comma-separated numbers" in capsys.readouterr().err
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("the demo started training before checking its arguments")

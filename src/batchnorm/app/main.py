@@ -36,6 +36,34 @@ COMMANDS = {
 }
 
 
+def missing_modules(
+    command: str, needs: dict[str, str], install: str, alternative: str = ""
+) -> str | None:
+    """The one-line error for a command whose optional dependencies do not import.
+
+    ``needs`` maps each import name to the name pip installs it by; ``install``
+    is the pip command that brings them (usually an extra). None when every
+    module imports. Commands call this before doing any work, so a missing
+    extra never leaves half-made output behind.
+    """
+    missing = []
+    for module, package in needs.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    if not missing:
+        return None
+    names = " and ".join(
+        [", ".join(missing[:-1]), missing[-1]] if missing[1:] else missing
+    )
+    verb = "is" if len(missing) == 1 else "are"
+    return (
+        f"batchnorm {command} needs {names}, which {verb} not "
+        f"installed: {install}{alternative}"
+    )
+
+
 def _named_command(argv: Sequence[str]) -> str | None:
     """The command ``argv`` names: its first argument that is not an option."""
     for arg in argv:

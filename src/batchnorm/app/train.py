@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 
@@ -46,15 +47,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from mpi4py import MPI
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        print(
-            "batchnorm train needs mpi4py and scikit-learn: "
-            "pip install 'batchnorm[demo,distributed]'"
-        )
+    from batchnorm.app.main import missing_modules
+
+    needs = {
+        "mpi4py": "mpi4py",
+        "sklearn": "scikit-learn",
+        "threadpoolctl": "threadpoolctl",
+    }
+    if args.backend == "numba":
+        needs["numba"] = "numba"
+    missing = missing_modules(
+        "train", needs, "pip install 'batchnorm[demo,distributed]'"
+    )
+    if missing is not None:
+        print(missing, file=sys.stderr)
         return 2
+    from mpi4py import MPI
+    from threadpoolctl import threadpool_limits
+
     if args.steps < 1 or args.batch_size < 2 or args.threads < 1:
         print("--steps and --threads must be >= 1, --batch-size >= 2")
         return 2

@@ -17,11 +17,14 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from batchnorm.app.demo.report import jsonable, print_findings, summarize, table
+
+if TYPE_CHECKING:
+    from batchnorm.nn import Split
 
 #: Sizes of the three presets; ``--quick`` for tests, ``--large`` for a longer look.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -72,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--lrs",
-        type=lambda s: [float(v) for v in s.split(",")],
+        type=_learning_rates,
         help="comma-separated learning rates (overrides the preset)",
     )
     parser.add_argument("--seeds", type=int, help="seeds per configuration")
@@ -109,21 +112,121 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default="numpy",
-        help="BatchNorm kernels (default numpy: the arrays are tiny)",
+        help="BatchNorm kernels, numpy or numba (default numpy: the arrays are tiny)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _learning_rates(text: str) -> list[float]:
+    """``--lrs``: comma-separated numbers (their range is checked by :func:`_check`)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"comma-separated numbers such as 0.01,0.1 expected; got {text!r}"
+        ) from None
+
+
+def _models(args: argparse.Namespace) -> list[str]:
+    return [m.strip() for m in args.models.split(",") if m.strip()]
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """The first thing wrong with the arguments, as a one-line error; else None.
+
+    Runs before anything is trained or written: each of these used to surface
+    only after minutes of training, or not at all (a sweep of 0 seeds "worked").
+    """
+    lrs = args.lrs or []
+    if args.lrs is not None and not all(math.isfinite(v) and v > 0 for v in lrs):
+        return (
+            "--lrs must be positive learning rates such as 0.01,0.1; got "
+            f"{','.join(map(str, lrs))}. Drop the non-positive ones."
+        )
+    for flag, value in (("--seeds", args.seeds), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            return f"{flag} must be at least 1; got {value}. Pass {flag} 1 or more."
+    models = _models(args)
+    if not models or set(models) - {"mlp", "cnn"}:
+        return (
+            f"--models must be a comma-separated subset of mlp,cnn; got "
+            f"{args.models!r}. Pass --models mlp, cnn or mlp,cnn."
+        )
+    if args.batch_size < 2:
+        return (
+            f"--batch-size must be at least 2 (batch statistics of one sample are "
+            f"undefined); got {args.batch_size}. Pass --batch-size 2 or more."
+        )
+    if not (math.isfinite(args.shared_lr) and args.shared_lr > 0):
+        return (
+            f"--shared-lr must be a positive learning rate; got {args.shared_lr}. "
+            "Pass e.g. --shared-lr 0.1."
+        )
+    if not 0 < args.target_accuracy <= 1:
+        return (
+            "--target-accuracy must be a fraction in (0, 1]; got "
+            f"{args.target_accuracy}. Pass e.g. --target-accuracy 0.95."
+        )
+    if args.jobs < 1:
+        return f"--jobs must be at least 1; got {args.jobs}. Pass --jobs 1 or more."
+    from batchnorm.kernels import BACKENDS
+
+    if args.backend not in BACKENDS:
+        return (
+            f"--backend must be one of {', '.join(BACKENDS)}; got {args.backend!r}. "
+            "The demo runs on the CPU; pass --backend numpy (or numba)."
+        )
+    return _check_out(args.out)
+
+
+def _check_out(out: Path) -> str | None:
+    """Whether ``--out`` is, or can become, a directory this process can write."""
+    if out.exists() and not out.is_dir():
+        return (
+            f"--out must name a directory (created if missing); got {str(out)!r}, "
+            "an existing file. Pass a new or existing directory."
+        )
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return (
+            f"--out {str(out)!r} cannot be created: {str(existing)!r} is a file; got "
+            "a path below a file. Pass a directory path."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (
+            f"--out {str(out)!r} is not writable: no write permission in "
+            f"{str(existing)!r}; got a read-only location. Pass a directory you "
+            "can write."
+        )
+    return None
+
+
+def _missing_extra(args: argparse.Namespace) -> str | None:
+    from batchnorm.app.main import missing_modules
+
+    needs = {
+        "matplotlib": "matplotlib",
+        "sklearn": "scikit-learn",
+        "threadpoolctl": "threadpoolctl",
+    }
+    if args.backend == "numba":
+        needs["numba"] = "numba"
+    if not args.no_progress:
+        needs["tqdm"] = "tqdm"
+    alternative = "" if args.no_progress else " (or pass --no-progress)"
+    return missing_modules(
+        "demo", needs, "pip install 'batchnorm[demo]'", alternative=alternative
+    )
+
+
 def _config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings: the preset with the arguments (checked by :func:`_check`)."""
     preset = "quick" if args.quick else "large" if args.large else "default"
     config: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
     for key in ("lrs", "seeds", "steps"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(models) - {"mlp", "cnn"})
-    if unknown or not models:
-        raise SystemExit(f"--models must be a subset of mlp,cnn; got {args.models!r}")
+    models = _models(args)
     shared = args.shared_lr
     if shared not in config["lrs"]:  # the closest swept rate on a log scale
         shared = min(config["lrs"], key=lambda lr: abs(math.log(lr / shared)))
@@ -139,7 +242,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         paper={"lr": 0.5, "batch_size": 60, "unit": 0, "sgd_momentum": 0.0},
         ema={"lr": 0.1, "batch_size": args.batch_size, "sgd_momentum": 0.9},
         backend=args.backend,
-        jobs=max(1, args.jobs),
+        jobs=args.jobs,
     )
     return config
 
@@ -202,22 +305,32 @@ def _tasks(config: dict[str, Any]) -> list[dict[str, Any]]:
     return tasks
 
 
-def _execute(
-    tasks: list[dict[str, Any]], config: dict[str, Any], progress: bool
-) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    from tqdm import tqdm
+class _NoBar:
+    """Stands in for tqdm's bar under ``--no-progress``, so tqdm is not needed."""
 
+    def update(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _execute(
+    tasks: list[dict[str, Any]],
+    config: dict[str, Any],
+    progress: bool,
+    data: Split | None = None,
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     from batchnorm.app.demo import experiments
     from batchnorm.nn import load_digits
 
-    data = load_digits(seed=0)
-    bar = tqdm(
-        total=len(tasks),
-        desc="training runs",
-        unit="run",
-        disable=not progress,
-        file=sys.stderr,
-    )
+    if data is None:
+        data = load_digits(seed=0)
+    bar: Any = _NoBar()
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), desc="training runs", unit="run", file=sys.stderr)
     done: list[tuple[dict[str, Any], dict[str, Any]]] = []
     if config["jobs"] == 1:
         from threadpoolctl import threadpool_limits
@@ -247,19 +360,37 @@ def _execute(
 
 
 def run(args: argparse.Namespace) -> int:
+    error = _check(args)
+    if error is not None:
+        print(f"batchnorm demo: {error}", file=sys.stderr)
+        return 2
+    missing = _missing_extra(args)
+    if missing is not None:
+        print(missing, file=sys.stderr)
+        return 2
+    from batchnorm.nn import load_digits
+
+    data = load_digits(seed=0)
+    if args.batch_size > len(data.x_train):
+        print(
+            f"batchnorm demo: --batch-size must be at most the {len(data.x_train)} "
+            f"training digits; got {args.batch_size}. Pass a smaller --batch-size.",
+            file=sys.stderr,
+        )
+        return 2
+
     import batchnorm
     from batchnorm.app.demo import figures as _demo_figures
 
     start = time.perf_counter()
     config = _config(args)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     tasks = _tasks(config)
     print(
         f"batchnorm demo ({config['preset']}): {len(tasks)} training runs on the "
         f"scikit-learn digits, {config['jobs']} worker(s); writing to {out}/"
     )
-    done = _execute(tasks, config, progress=not args.no_progress)
+    done = _execute(tasks, config, progress=not args.no_progress, data=data)
 
     runs: list[dict[str, Any]] = []
     drift: dict[str, Any] = {}
@@ -309,6 +440,7 @@ def run(args: argparse.Namespace) -> int:
     print(table(summary, config))
     print()
     print_findings(results)
+    out.mkdir(parents=True, exist_ok=True)
     results["figures"] = _demo_figures.write_all(results, out)
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     (out / "results.json").write_text(json.dumps(jsonable(results), indent=1) + "\n")
