@@ -141,6 +141,9 @@ def target_rows(rows: list[dict[str, Any]]) -> list[str]:
             ]
             if any(a is None or b is None for a, b in found):
                 continue
+            if any(a.get("busy") for a, _ in found):  # scheduler noise, see the table
+                lines.append(f"| {label} | {t} | busy | busy | not measured |")
+                continue
             worst_floor = max(a["ratio_floor"] for a, _ in found)
             worst_torch = max(b["ratio_torch"] for _, b in found)
             met = (floor_bound is None or worst_floor <= floor_bound) and (

@@ -7,9 +7,17 @@ interleaved (a few calls of each per visit, in rotating order) after a warm-up;
 the table reports medians and ratios from the same run.
 
 ``batchnorm bench`` runs a quick subset (under a minute); the full table is
-``python benchmarks/bench_kernels.py``, which also writes
-``benchmarks/RESULTS.md``. NumPy is single-threaded and slow on large tensors:
-it is timed with fewer repeats, at one thread only.
+``python benchmarks/bench_kernels.py`` in a clone of the repository (pip does not
+install it), which also writes ``benchmarks/RESULTS.md``. NumPy is
+single-threaded and slow on large tensors: it is timed with fewer repeats, at one
+thread only.
+
+On a busy machine the timings are the scheduler's, not the kernels': a call that
+waits for a core lasts a time slice (milliseconds) whatever it computes. Every
+call is therefore timed twice, by the wall clock and by the process's CPU time,
+and a row whose calls waited off the CPU, or whose floor kernel spread across its
+repeats, is marked busy (:func:`busy_reason`) instead of being reported as a
+result.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import gc
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +41,95 @@ OPS = ("forward_train", "forward_eval", "backward")
 IMPLEMENTATIONS = ("floor", "numba_out", "numba", "numba_fresh", "numpy", "torch")
 EPS = 1e-5
 BLOCK = 3  # timed calls per visit to an implementation (see _time)
+# A kernel on a core of its own keeps each of its threads on a CPU for all of its
+# wall time; below these fractions a call waited for a core. The floor's repeats
+# stream the same bytes, so a spread above MAX_FLOOR_SPREAD is the machine's.
+MIN_CPU_PER_WALL = 0.75
+MAX_FLOOR_SPREAD = 0.5
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One implementation's timed calls.
+
+    ``spread`` is the interquartile range over the median (the full range below
+    4 calls); ``cpu_per_wall`` is the median over calls of the process's CPU time
+    over the call's wall time: about the number of threads the call kept busy.
+    """
+
+    median_s: float
+    spread: float
+    cpu_per_wall: float
+
+    @classmethod
+    def of(cls, wall: list[float], cpu: list[float]) -> Timing:
+        """From each call's wall-clock and CPU seconds."""
+        median = statistics.median(wall)
+        if len(wall) >= 4:
+            low, _, high = statistics.quantiles(wall, n=4)
+        else:
+            low, high = min(wall), max(wall)
+        return cls(
+            median_s=median,
+            spread=(high - low) / median,
+            cpu_per_wall=statistics.median(
+                c / max(w, 1e-9) for c, w in zip(cpu, wall, strict=True)
+            ),
+        )
+
+
+def busy_reason(timings: dict[str, Timing], threads: int) -> str | None:
+    """Why these timings are the scheduler's rather than the kernels'; else None.
+
+    - the floor kernel's repeats spread by more than ``MAX_FLOOR_SPREAD`` of their
+      median: every ratio is divided by it;
+    - the floor kernel, parallel at ``threads`` > 1, kept fewer than
+      ``MIN_CPU_PER_WALL · threads`` cores busy: another process held the others;
+    - a call was on a CPU for less than ``MIN_CPU_PER_WALL`` of its wall time: it
+      waited for a core.
+    """
+    reasons = []
+    floor = timings.get("floor")
+    if floor is not None and floor.spread > MAX_FLOOR_SPREAD:
+        reasons.append(
+            f"the floor kernel's calls spread by {floor.spread:.0%} of their median"
+        )
+    if (
+        floor is not None
+        and threads > 1
+        and floor.cpu_per_wall < MIN_CPU_PER_WALL * threads
+    ):
+        reasons.append(
+            f"the floor kernel's {threads} threads ran on {floor.cpu_per_wall:.1f} "
+            f"of {threads} cores"
+        )
+    starved = {
+        name: t.cpu_per_wall
+        for name, t in timings.items()
+        if t.cpu_per_wall < MIN_CPU_PER_WALL
+    }
+    if starved:
+        listed = ", ".join(f"{name} {share:.0%}" for name, share in starved.items())
+        reasons.append(f"calls were on a CPU for only part of their time ({listed})")
+    return "; ".join(reasons) or None
+
+
+def load_note(load: float, cores: int, threads: int) -> str | None:
+    """A note when the load average leaves fewer than ``threads`` idle cores."""
+    if load + threads <= cores + 0.5:
+        return None
+    return (
+        f"the machine was busy: load average {load:.2f} over the minute before the "
+        f"run, on {cores} cores, where the benchmark needs {threads} idle"
+    )
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -219,8 +317,8 @@ def _time(
     repeats: dict[str, int],
     warmup: int,
     block: int = BLOCK,
-) -> dict[str, float]:
-    """Median seconds per implementation, interleaved in rotating order.
+) -> dict[str, Timing]:
+    """Timings per implementation, interleaved in rotating order.
 
     Each visit to an implementation makes one untimed call, then times ``block``
     calls back to back. The untimed call wakes its thread pool: idle OpenMP
@@ -228,12 +326,16 @@ def _time(
     milliseconds (measured here: a 2-thread copy of 25 MB took a median 8 ms
     called every few milliseconds, 1.3 ms called back to back), which would time
     the hypervisor, not the kernel. NumPy has no pool and skips that call.
+
+    The process's CPU time is read around each timed call too (outside the wall
+    clock's window), for :func:`busy_reason`.
     """
     names = [name for name in calls if repeats[name] > 0]
     for name in names:
         for _ in range(warmup):
             calls[name](threads)
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     gc.disable()
     try:
         for visit in range(-(-max(repeats.values()) // block)):
@@ -245,12 +347,14 @@ def _time(
                 if name != "numpy":
                     calls[name](threads)
                 for _ in range(todo):
+                    cpu_start = time.process_time()
                     start = time.perf_counter()
                     calls[name](threads)
                     times[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - cpu_start)
     finally:
         gc.enable()
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: Timing.of(times[name], cpu[name]) for name in names}
 
 
 def measure(
@@ -263,7 +367,11 @@ def measure(
     warmup: int = 2,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Time every case, thread count and operation; return one row per result."""
+    """Time every case, thread count and operation; return one row per result.
+
+    Each row's ``busy`` is None, or why its group (case, operation, threads) was
+    timed on a busy machine (:func:`busy_reason`): its ratios are then noise.
+    """
     import torch
 
     from batchnorm.kernels import numba as _numba
@@ -281,10 +389,10 @@ def measure(
                 plan = dict.fromkeys(IMPLEMENTATIONS, repeats)
                 plan["numpy"] = numpy_repeats if with_numpy else 0
                 for op in OPS:
-                    medians = _time(table[op], threads, plan, warmup)
-                    rows.extend(_rows(case, op, threads, medians, plan))
+                    timings = _time(table[op], threads, plan, warmup)
+                    rows.extend(_rows(case, op, threads, timings, plan))
                     if progress:
-                        progress(_progress_line(case, op, threads, medians))
+                        progress(_progress_line(case, op, threads, timings))
             del table
     finally:
         _numba.set_num_threads(None)
@@ -292,41 +400,110 @@ def measure(
 
 
 def _rows(
-    case: Case, op: str, threads: int, medians: dict[str, float], plan: dict[str, int]
+    case: Case,
+    op: str,
+    threads: int,
+    timings: dict[str, Timing],
+    plan: dict[str, int],
 ) -> Iterator[dict[str, Any]]:
-    for name, seconds in medians.items():
+    busy = busy_reason(timings, threads)
+    floor, torch = timings["floor"].median_s, timings["torch"].median_s
+    for name, timing in timings.items():
         yield {
             "shape": list(case.shape),
             "layout": case.layout,
             "op": op,
             "threads": threads,
             "implementation": name,
-            "median_s": seconds,
+            "median_s": timing.median_s,
             "repeats": plan[name],
-            "ratio_floor": seconds / medians["floor"],
-            "ratio_torch": seconds / medians["torch"],
+            "ratio_floor": timing.median_s / floor,
+            "ratio_torch": timing.median_s / torch,
+            "spread": timing.spread,
+            "cpu_per_wall": timing.cpu_per_wall,
+            "busy": busy,
         }
 
 
-def _progress_line(case: Case, op: str, threads: int, medians: dict[str, float]) -> str:
-    parts = " ".join(f"{k}={v * 1e3:.2f}ms" for k, v in medians.items())
-    return f"{case.label} {case.layout} {op} t={threads}: {parts}"
+def _progress_line(
+    case: Case, op: str, threads: int, timings: dict[str, Timing]
+) -> str:
+    parts = " ".join(f"{k}={v.median_s * 1e3:.2f}ms" for k, v in timings.items())
+    busy = busy_reason(timings, threads)
+    note = f" (busy: {busy})" if busy else ""
+    return f"{case.label} {case.layout} {op} t={threads}: {parts}{note}"
+
+
+def _thread_counts(text: str | None, cores: int) -> list[int] | str:
+    """``--threads`` as a list, or the one-line error that says what is wrong."""
+    if text is None:
+        return sorted({1, cores})
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        return (
+            "--threads must be comma-separated thread counts of at least 1, such "
+            f"as 1,{cores}; got {text!r}."
+        )
+    over = [t for t in counts if t > cores]
+    if over:
+        return (
+            f"--threads {over[0]}: this machine has {cores} cores for this process; "
+            f"got {text!r}, and threads beyond the cores time the scheduler, not the "
+            f"kernels. Pass thread counts up to {cores}."
+        )
+    return counts
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``batchnorm bench``."""
+    from batchnorm.app.main import missing_modules
+
+    def fail(message: str) -> int:
+        print(f"batchnorm bench: {message}", file=sys.stderr)
+        return 2
+
+    for flag, value, least in (
+        ("--repeats", args.repeats, 1),
+        ("--numpy-repeats", args.numpy_repeats, 0),
+    ):
+        if value is not None and value < least:
+            return fail(f"{flag} must be at least {least}; got {value}.")
+    cores = usable_cores()
+    thread_counts = _thread_counts(args.threads, cores)
+    if isinstance(thread_counts, str):
+        return fail(thread_counts)
+    missing = missing_modules(
+        "bench",
+        {"numba": "numba", "torch": "torch"},
+        "pip install 'batchnorm[fast]' 'torch==2.13.0'",
+    )
+    if missing is not None:
+        print(missing, file=sys.stderr)
+        return 2
     from batchnorm.kernels import numba as _numba
+
+    pool = _numba.max_threads()
+    if max(thread_counts) > pool:
+        return fail(
+            f"--threads {max(thread_counts)}: Numba's thread pool has {pool} "
+            f"threads (NUMBA_NUM_THREADS); got {args.threads!r}. Pass thread counts "
+            f"up to {pool}, or set NUMBA_NUM_THREADS."
+        )
+    if args.threads is None:
+        thread_counts = sorted({1, min(cores, pool)})
 
     full = bool(args.full)
     cases = FULL_CASES if full else QUICK_CASES
-    all_threads = _numba.max_threads()
-    if args.threads:
-        thread_counts = [int(t) for t in args.threads.split(",")]
-    else:
-        thread_counts = sorted({1, all_threads})
     repeats = args.repeats or (21 if full else 7)
     numpy_cases = None if full else (FULL_CASES[4],)
     log = None if args.json else (lambda line: print(line, flush=True))
+    load = os.getloadavg()[0]
+    note = load_note(load, cores, max(thread_counts))
+    if note and log:
+        log(f"note: {note}; rows marked busy below are not results.")
     start = time.perf_counter()
     rows = measure(
         cases,
@@ -339,42 +516,71 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     info = machine()
     if args.json:
-        print(json.dumps({"machine": info, "seconds": elapsed, "rows": rows}, indent=1))
+        report = {
+            "machine": info,
+            "seconds": elapsed,
+            "load_average_before": load,
+            "busy": note,
+            "rows": rows,
+        }
+        print(json.dumps(report, indent=1))
     else:
+        if note:
+            print(f"note: {note}.")
         print(format_table(rows))
-        print(f"({elapsed:.0f} s; full table: python benchmarks/bench_kernels.py)")
+        print(
+            f"({elapsed:.0f} s. The full table is python benchmarks/bench_kernels.py, "
+            "a script in a clone of the repository: pip does not install it.)"
+        )
     return 0
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: one line per case, op and threads; ms and ratios."""
+    """Markdown table: one line per case, op and threads; ms and ratios.
+
+    A row timed on a busy machine (its ``busy`` reason) keeps its milliseconds but
+    shows no ratios, and says why in a last column.
+    """
     keyed: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
     for row in rows:
         key = (tuple(row["shape"]), row["layout"], row["op"], row["threads"])
         keyed.setdefault(key, {})[row["implementation"]] = row
+    any_busy = any(row.get("busy") for row in rows)
     lines = [
         "| shape | layout | op | threads | floor ms | ours out= ms (÷floor) "
         "| ours alloc ms (÷torch) | ours alloc, no cache ms (÷torch) | numpy ms "
-        "| torch ms (÷floor) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| torch ms (÷floor) |" + (" note |" if any_busy else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if any_busy else ""),
     ]
     for (shape, layout, op, threads), by_impl in keyed.items():
         floor, out, alloc, torch = (
             by_impl[k] for k in ("floor", "numba_out", "numba", "torch")
         )
         numpy, fresh = by_impl.get("numpy"), by_impl.get("numba_fresh")
-        fresh_text = (
-            "—"
-            if fresh is None
-            else f"{fresh['median_s'] * 1e3:.2f} ({fresh['ratio_torch']:.2f})"
-        )
+        busy = floor.get("busy")
+
+        def cell(row: dict[str, Any] | None, ratio: str, digits: int = 2) -> str:
+            if row is None:
+                return "—"
+            ms = f"{row['median_s'] * 1e3:.2f}"
+            return ms if row.get("busy") else f"{ms} ({row[ratio]:.{digits}f})"
+
+        numpy_text = "—" if numpy is None else format(numpy["median_s"] * 1e3, ".1f")
+        note = f" busy: {busy} |" if busy else " |" if any_busy else ""
         lines.append(
             f"| {'×'.join(map(str, shape))} | {layout} | {op} | {threads} "
             f"| {floor['median_s'] * 1e3:.2f} "
-            f"| {out['median_s'] * 1e3:.2f} ({out['ratio_floor']:.2f}) "
-            f"| {alloc['median_s'] * 1e3:.2f} ({alloc['ratio_torch']:.2f}) "
-            f"| {fresh_text} "
-            f"| {'—' if numpy is None else format(numpy['median_s'] * 1e3, '.1f')} "
-            f"| {torch['median_s'] * 1e3:.2f} ({torch['ratio_floor']:.1f}) |"
+            f"| {cell(out, 'ratio_floor')} "
+            f"| {cell(alloc, 'ratio_torch')} "
+            f"| {cell(fresh, 'ratio_torch')} "
+            f"| {numpy_text} "
+            f"| {cell(torch, 'ratio_floor', 1)} |" + note
         )
+    if any_busy:
+        lines += [
+            "",
+            "Rows marked busy were timed while other processes held the cores: "
+            "their milliseconds are the scheduler's, so their ratios are not "
+            "results. Rerun them on an idle machine (or under chrt -f 1).",
+        ]
     return "\n".join(lines)
