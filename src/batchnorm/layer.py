@@ -112,8 +112,9 @@ class BatchNorm:
     # -- options ----------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         # Called only for names that are not instance attributes: the options.
-        if name in OPTION_NAMES:
-            return getattr(self.__dict__["options"], name)
+        options = self.__dict__.get("options")  # absent while unpickling
+        if options is not None and name in OPTION_NAMES:
+            return getattr(options, name)
         raise AttributeError(
             f"{type(self).__name__!r} object has no attribute {name!r}"
         )
