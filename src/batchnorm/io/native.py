@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import zipfile
 from typing import IO, Any
@@ -35,6 +36,7 @@ from batchnorm.io._structure import (
     Network,
     arrays_of,
     build,
+    declared_arrays,
     describe,
     fill,
     layers_of,
@@ -116,46 +118,151 @@ def save(obj: Any, path: str | os.PathLike[str]) -> None:
     atomic_write(path, write)
 
 
-def _read_entries(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Every entry of the archive, fully read and CRC-checked, or FormatError."""
+#: The JSON header is small (about 200 bytes a layer); a bigger entry is not one.
+_MAX_HEADER_BYTES = 64 * 2**20
+
+
+def _open_archive(path: str | os.PathLike[str]) -> zipfile.ZipFile:
     try:
         with open(path, "rb") as file:
             data = file.read()
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise FormatError(f"{path}: cannot read: {exc}") from exc
+        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}.") from None
     try:
-        entries: dict[str, np.ndarray] = {}
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            for info in archive.infolist():
-                if not info.filename.endswith(".npy"):
-                    raise FormatError(f"unexpected entry {info.filename!r}")
-                raw = archive.read(info)  # verifies the CRC
-                entries[info.filename[:-4]] = np.lib.format.read_array(
-                    io.BytesIO(raw), allow_pickle=False
-                )
-    except FormatError as exc:
-        raise FormatError(f"{path}: not a batchnorm file: {exc}") from exc
-    except Exception as exc:  # zipfile, zlib, numpy header parsing: all mean corrupt
+        return zipfile.ZipFile(io.BytesIO(data))
+    except Exception as exc:  # zipfile and zlib: all mean corrupt
         raise FormatError(
             f"{path}: truncated or corrupt file ({type(exc).__name__}: {exc})."
         ) from exc
+
+
+def _entries(
+    archive: zipfile.ZipFile, path: Any
+) -> dict[str, tuple[zipfile.ZipInfo, tuple[int, ...]]]:
+    """Each ``.npy`` entry's shape from its header, checked against its size.
+
+    Nothing but the small ``.npy`` headers is inflated: the sizes an entry
+    declares must agree before any data is read.
+    """
+    entries: dict[str, tuple[zipfile.ZipInfo, tuple[int, ...]]] = {}
+    for info in archive.infolist():
+        name = info.filename[:-4]
+        if not info.filename.endswith(".npy") or name in entries:
+            raise FormatError(
+                f"{path}: not a batchnorm file: unexpected entry {info.filename!r}"
+            )
+        try:
+            with archive.open(info) as stream:
+                version = np.lib.format.read_magic(stream)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"unsupported .npy version {version}")
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read(stream)
+                offset = stream.tell()
+        except Exception as exc:  # zipfile, zlib, numpy header parsing
+            raise FormatError(
+                f"{path}: truncated or corrupt file: entry {info.filename!r} "
+                f"({type(exc).__name__}: {exc})."
+            ) from exc
+        size = math.prod(shape) * dtype.itemsize
+        if dtype.hasobject or info.file_size != offset + size:
+            raise FormatError(
+                f"{path}: truncated or corrupt file: entry {info.filename!r} holds "
+                f"{info.file_size - offset} bytes of data but describes {shape} "
+                f"{dtype} ({size} bytes)."
+            )
+        entries[name] = (info, shape)
     return entries
+
+
+def _read_array(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Any) -> Any:
+    """One entry's array, read in chunks into its final buffer; CRC checked."""
+    try:
+        with archive.open(info) as stream:
+            array = np.lib.format.read_array(stream, allow_pickle=False)
+            if stream.read(1):  # reading to the end also checks the CRC
+                raise ValueError("data after the array")
+    except Exception as exc:
+        raise FormatError(
+            f"{path}: truncated or corrupt file: entry {info.filename!r} "
+            f"({type(exc).__name__}: {exc})."
+        ) from exc
+    return array
+
+
+def _check_declared(
+    header: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Any
+) -> None:
+    """The arrays every layer spec declares are exactly those in the file."""
+    expected: set[str] = set()
+    single = header["kind"] == "layer"
+    for index, spec in enumerate(header["layers"]):
+        try:
+            declared = declared_arrays(spec)
+        except ValueError as exc:
+            raise FormatError(
+                f"{path}: invalid layer spec {spec!r} at layer {index}: {exc}"
+            ) from None
+        for name, shape in declared.items():
+            key = name if single else f"{index}.{name}"
+            expected.add(key)
+            if key in shapes and shapes[key] != shape:
+                raise FormatError(
+                    f"{path}: array {key!r} has shape {shapes[key]}; the header's "
+                    f"{spec['type']} at layer {index} needs {shape}."
+                )
+    missing, unknown = sorted(expected - set(shapes)), sorted(set(shapes) - expected)
+    if missing or unknown:
+        raise FormatError(
+            f"{path}: arrays do not match the network: missing {missing}, unknown "
+            f"{unknown}."
+        )
 
 
 def read_header(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The checked JSON header and the arrays of a native file."""
-    entries = _read_entries(path)
-    raw = entries.pop(_HEADER, None)
-    if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
-        raise FormatError(f"{path}: no {_HEADER} entry; not a batchnorm native file.")
+    """The checked JSON header and the arrays of a native file.
+
+    Every size the file declares (zip entries, ``.npy`` headers, layer specs) is
+    checked against the others before an array is read, so a crafted file cannot
+    make this allocate more than the arrays its header describes.
+    """
+    with _open_archive(path) as archive:
+        entries = _entries(archive, path)
+        found = entries.pop(_HEADER, None)
+        if found is None or len(found[1]) != 1:
+            raise FormatError(
+                f"{path}: no {_HEADER} entry; not a batchnorm native file."
+            )
+        if found[0].file_size > _MAX_HEADER_BYTES:
+            raise FormatError(
+                f"{path}: the {_HEADER} entry has {found[0].file_size} bytes; a "
+                f"header has at most {_MAX_HEADER_BYTES}. The file is corrupt."
+            )
+        raw = _read_array(archive, found[0], path)
+        if raw.dtype != np.uint8:
+            raise FormatError(
+                f"{path}: no {_HEADER} entry; not a batchnorm native file."
+            )
+        header = _parse_header(raw, path)
+        _check_declared(header, {k: shape for k, (_, shape) in entries.items()}, path)
+        arrays = {k: _read_array(archive, e[0], path) for k, e in entries.items()}
+    return header, arrays
+
+
+def _parse_header(raw: np.ndarray, path: Any) -> dict[str, Any]:
     try:
         header = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: the header is not valid JSON: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise FormatError(f"{path}: the header is not valid JSON: {reason}") from None
     if not isinstance(header, dict) or header.get("format") != "batchnorm":
         raise FormatError(f"{path}: the header does not say format 'batchnorm'.")
     version = header.get("version")
@@ -174,7 +281,14 @@ def read_header(
             raise FormatError(f"{path}: header field {key!r} is missing or invalid.")
     if header["kind"] not in ("layer", "network"):
         raise FormatError(f"{path}: unknown kind {header['kind']!r}.")
-    return header, entries
+    specs = header["layers"]
+    if header["kind"] == "layer" and (
+        len(specs) != 1
+        or not isinstance(specs[0], dict)
+        or specs[0].get("type") != "BatchNorm"
+    ):
+        raise FormatError(f"{path}: a 'layer' file must hold exactly one BatchNorm.")
+    return header
 
 
 def load(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> Any:
@@ -201,14 +315,12 @@ def load(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> Any:
         wrong shapes or dtypes, non-finite statistics (unless allowed).
     """
     header, arrays = read_header(path)
-    specs = header["layers"]
-    if header["kind"] == "layer" and (
-        len(specs) != 1
-        or not isinstance(specs[0], dict)
-        or specs[0].get("type") != "BatchNorm"
-    ):
-        raise FormatError(f"{path}: a 'layer' file must hold exactly one BatchNorm.")
-    layers = [build(spec) for spec in specs]
+    layers = []
+    for spec in header["layers"]:
+        try:
+            layers.append(build(spec))
+        except FormatError as exc:
+            raise FormatError(f"{path}: {exc}") from None
     obj: Any = (
         layers[0] if header["kind"] == "layer" else Network(layers, header["metadata"])
     )
