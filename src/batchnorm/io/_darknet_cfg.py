@@ -19,6 +19,7 @@ from batchnorm.io._structure import FormatError
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d, GlobalAvgPool, MaxPool2d
 from batchnorm.nn.layers import Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Softmax
+from batchnorm.presets import PRESETS
 
 _SECTIONS = {
     "net": "net",
@@ -62,25 +63,46 @@ _OPTIONS = {
 ACTIVATIONS = {"linear": None, "relu": ReLU, "logistic": Sigmoid, "leaky": LeakyReLU}
 
 
+#: darknet reads every integer option into a C int.
+INT_MAX = 2**31 - 1
+
+
 @dataclass
 class Section:
     """One ``[section]`` of a cfg: its canonical type, options and line number."""
 
     kind: str
     line: int
+    source: str = "<cfg>"
     options: dict[str, str] = field(default_factory=dict)
     option_lines: dict[str, int] = field(default_factory=dict)
 
-    def integer(self, name: str, default: int) -> int:
+    def _where(self, name: str) -> str:
+        return f"{self.source}, line {self.option_lines[name]}: [{self.kind}] option"
+
+    def integer(
+        self, name: str, default: int, minimum: int = 0, maximum: int = INT_MAX
+    ) -> int:
+        """Option ``name`` as an int in [minimum, maximum] (``default`` if absent)."""
         if name not in self.options:
             return default
         try:
-            return int(self.options[name])
+            value = int(self.options[name])
         except ValueError:
             raise FormatError(
-                f"line {self.option_lines[name]}: [{self.kind}] option {name}= must "
-                f"be an integer; got {self.options[name]!r}."
+                f"{self._where(name)} {name}= must be an integer; got "
+                f"{self.options[name]!r}."
             ) from None
+        if value < minimum:
+            raise FormatError(
+                f"{self._where(name)} {name}= must be >= {minimum}; got {value}."
+            )
+        if value > maximum:
+            limit = "0 or 1" if maximum == 1 else f"<= {maximum} (a C int)"
+            raise FormatError(
+                f"{self._where(name)} {name}= must be {limit}; got {value}."
+            )
+        return value
 
     def real(self, name: str, default: float) -> float:
         if name not in self.options:
@@ -89,9 +111,26 @@ class Section:
             return float(self.options[name])
         except ValueError:
             raise FormatError(
-                f"line {self.option_lines[name]}: [{self.kind}] option {name}= must "
-                f"be a number; got {self.options[name]!r}."
+                f"{self._where(name)} {name}= must be a number; got "
+                f"{self.options[name]!r}."
             ) from None
+
+
+def decode(data: bytes, source: str = "<cfg>") -> str:
+    """The text of a cfg file, or FormatError for one that is not text."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(
+            f"{source}: not a text darknet .cfg: byte {data[exc.start]:#04x} at "
+            f"offset {exc.start} is not UTF-8."
+        ) from None
+    if "\0" in text:
+        raise FormatError(
+            f"{source}: not a text darknet .cfg: it holds a NUL byte at offset "
+            f"{text.index(chr(0))}."
+        )
+    return text
 
 
 def parse(text: str, source: str = "<cfg>") -> list[Section]:
@@ -109,7 +148,7 @@ def parse(text: str, source: str = "<cfg>") -> list[Section]:
                     f"{raw.strip()!r}; supported: "
                     f"{', '.join(f'[{s}]' for s in _SECTIONS)}."
                 )
-            sections.append(Section(_SECTIONS[name], number))
+            sections.append(Section(_SECTIONS[name], number, source))
             continue
         if "=" not in line:
             raise FormatError(f"{source}, line {number}: cannot parse {raw.strip()!r}.")
@@ -138,25 +177,39 @@ def parse(text: str, source: str = "<cfg>") -> list[Section]:
 
 def read(path: str | os.PathLike[str]) -> list[Section]:
     """Parse the cfg file at ``path``."""
-    with open(path, encoding="utf-8") as file:
-        return parse(file.read(), str(path))
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}.") from None
+    return parse(decode(data, str(path)), str(path))
 
 
-def _activation(section: Section, source: str) -> list[Any]:
+def _activation(section: Section) -> list[dict[str, Any]]:
     name = section.options.get("activation", "logistic")
     if name not in ACTIVATIONS:
         raise FormatError(
-            f"{source}, line {section.option_lines['activation']}: activation "
+            f"{section.source}, line {section.option_lines['activation']}: activation "
             f"{name!r} is not supported; use one of {', '.join(ACTIVATIONS)}."
         )
     cls = ACTIVATIONS[name]
-    return [] if cls is None else [cls()]
+    return [] if cls is None else [{"type": cls.__name__}]
 
 
-def build_layers(
+def _batchnorm(channels: int) -> dict[str, Any]:
+    return {"type": "BatchNorm", "num_features": channels, **PRESETS["darknet"]}
+
+
+def layer_specs(
     sections: list[Section], source: str = "<cfg>"
-) -> tuple[list[Any], tuple[int, ...]]:
-    """Harness layers for the sections, and the network's input shape."""
+) -> tuple[list[tuple[dict[str, Any], int]], tuple[int, ...]]:
+    """``(spec, line)`` of each harness layer, and the network's input shape.
+
+    Nothing is allocated: a reader checks the sizes against its ``.weights``
+    file first, then builds the layers with :func:`batchnorm.io._structure.build`.
+    """
     net = sections[0]
     h, w, c = (
         net.integer("height", 0),
@@ -164,57 +217,61 @@ def build_layers(
         net.integer("channels", 0),
     )
     shape: tuple[int, ...] = (
-        (c, h, w) if h and w and c else (net.integer("inputs", h * w * c),)
+        (c, h, w) if h and w and c else (net.integer("inputs", h * w * c, 1),)
     )
     if shape == (0,):
         raise FormatError(f"{source}: [net] needs width, height, channels or inputs.")
-    input_shape, layers = shape, list[Any]()
+    input_shape, specs = shape, list[tuple[dict[str, Any], int]]()
     for s in sections[1:]:
         where = f"{source}, line {s.line}: [{s.kind}]"
+        new: list[dict[str, Any]] = []
         if s.kind == "convolutional":
             if len(shape) != 3:
                 raise FormatError(f"{where} needs an image input; got shape {shape}.")
-            size, stride = s.integer("size", 1), s.integer("stride", 1)
+            size, stride = s.integer("size", 1, 1), s.integer("stride", 1, 1)
             padding = size // 2 if s.integer("pad", 0) else s.integer("padding", 0)
-            filters, bn = s.integer("filters", 1), bool(s.integer("batch_normalize", 0))
-            try:
-                layers.append(
-                    Conv2d(
-                        shape[0],
-                        filters,
-                        size,
-                        stride=stride,
-                        padding=padding,
-                        bias=not bn,
-                        init=0.0,
-                    )
-                )
-            except ValueError as exc:
-                raise FormatError(f"{where}: {exc}") from None
-            if bn:
-                layers.append(BatchNorm.from_preset("darknet", filters))
-            layers += _activation(s, source)
+            filters = s.integer("filters", 1, 1)
+            bn = bool(s.integer("batch_normalize", 0, maximum=1))
             out = [(n + 2 * padding - size) // stride + 1 for n in shape[1:]]
             if min(out) < 1:
                 raise FormatError(f"{where}: kernel {size} larger than input {shape}.")
+            new.append(
+                {
+                    "type": "Conv2d",
+                    "in_channels": shape[0],
+                    "out_channels": filters,
+                    "kernel_size": size,
+                    "stride": stride,
+                    "padding": padding,
+                    "bias": not bn,
+                }
+            )
+            new += [_batchnorm(filters)] if bn else []
+            new += _activation(s)
             shape = (filters, out[0], out[1])
         elif s.kind == "connected":
             if len(shape) == 3:
-                layers.append(Flatten())
-            inputs, output = int(_prod(shape)), s.integer("output", 1)
-            bn = bool(s.integer("batch_normalize", 0))
-            layers.append(Linear(inputs, output, bias=not bn, init=0.0))
-            if bn:
-                layers.append(BatchNorm.from_preset("darknet", output))
-            layers += _activation(s, source)
+                new.append({"type": "Flatten"})
+            inputs, output = int(_prod(shape)), s.integer("output", 1, 1)
+            bn = bool(s.integer("batch_normalize", 0, maximum=1))
+            new.append(
+                {
+                    "type": "Linear",
+                    "in_features": inputs,
+                    "out_features": output,
+                    "bias": not bn,
+                }
+            )
+            new += [_batchnorm(output)] if bn else []
+            new += _activation(s)
             shape = (output,)
         elif s.kind == "batchnorm":
-            layers.append(BatchNorm.from_preset("darknet", shape[0]))
+            new.append(_batchnorm(shape[0]))
         elif s.kind == "maxpool":
             if len(shape) != 3:
                 raise FormatError(f"{where} needs an image input; got shape {shape}.")
-            stride = s.integer("stride", 1)
-            size = s.integer("size", stride)
+            stride = s.integer("stride", 1, 1)
+            size = s.integer("size", stride, 1)
             padding = s.integer("padding", size - 1)
             out = [(n + padding - size) // stride + 1 for n in shape[1:]]
             ours = [(n - size) // stride + 1 for n in shape[1:]]
@@ -224,23 +281,24 @@ def build_layers(
                     f"{shape[1]}x{shape[2]} input, which the harness's MaxPool2d does "
                     "not; use size=stride on inputs divisible by it."
                 )
-            layers.append(MaxPool2d(size, stride))
+            new.append({"type": "MaxPool2d", "kernel_size": size, "stride": stride})
             shape = (shape[0], out[0], out[1])
         elif s.kind == "avgpool":
             if len(shape) != 3:
                 raise FormatError(f"{where} needs an image input; got shape {shape}.")
-            layers.append(GlobalAvgPool())
+            new.append({"type": "GlobalAvgPool"})
             shape = (shape[0],)
         elif s.kind == "softmax":
-            if s.integer("groups", 1) != 1 or s.real("temperature", 1.0) != 1.0:
+            if s.integer("groups", 1, 1) != 1 or s.real("temperature", 1.0) != 1.0:
                 raise FormatError(
                     f"{where}: only groups=1 and temperature=1 are supported."
                 )
             if len(shape) == 3:
-                layers.append(Flatten())
-            layers.append(Softmax())
+                new.append({"type": "Flatten"})
+            new.append({"type": "Softmax"})
             shape = (int(_prod(shape)),)
-    return layers, input_shape
+        specs += [(spec, s.line) for spec in new]
+    return specs, input_shape
 
 
 def _prod(shape: tuple[int, ...]) -> int:

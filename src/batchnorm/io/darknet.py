@@ -24,17 +24,27 @@ Mapping to the harness: a convolutional or connected layer with
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+import re
 import struct
 import warnings
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from batchnorm.io import _darknet_cfg as cfg
-from batchnorm.io._atomic import atomic_write
-from batchnorm.io._structure import FormatError, Network, layers_of
+from batchnorm.io._atomic import atomic_write, atomic_write_all, read_together
+from batchnorm.io._structure import (
+    FormatError,
+    Network,
+    build,
+    check_input_shape,
+    declared_arrays,
+    layers_of,
+)
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d
 from batchnorm.nn.layers import Linear
@@ -97,29 +107,41 @@ def _header_size(major: int, minor: int) -> int:
     return 12 + (8 if _seen_is_64bit(major, minor) else 4)
 
 
-def read_weights(
-    network: Any, path: str | os.PathLike[str], *, allow_nonfinite: bool = False
-) -> dict[str, int]:
-    """Fill ``network`` from a ``.weights`` file; return its header. All or nothing."""
-    data = Path(path).read_bytes()
+def _read_header(data: bytes, path: Any) -> dict[str, int]:
     if len(data) < 16:
         raise FormatError(
             f"{path}: {len(data)} bytes is shorter than a darknet header."
         )
     major, minor, revision = struct.unpack_from("<iii", data, 0)
-    wide = _seen_is_64bit(major, minor)
     if len(data) < _header_size(major, minor):
         raise FormatError(f"{path}: truncated header ({len(data)} bytes).")
-    (seen,) = struct.unpack_from("<Q" if wide else "<I", data, 12)
+    (seen,) = struct.unpack_from(
+        "<Q" if _seen_is_64bit(major, minor) else "<I", data, 12
+    )
+    return {"major": major, "minor": minor, "revision": revision, "seen": int(seen)}
+
+
+def read_weights(
+    network: Any, path: str | os.PathLike[str], *, allow_nonfinite: bool = False
+) -> dict[str, int]:
+    """Fill ``network`` from a ``.weights`` file; return its header. All or nothing."""
+    return _fill(network, _read_file(path), path, allow_nonfinite=allow_nonfinite)
+
+
+def _fill(
+    network: Any, data: bytes, path: Any, *, allow_nonfinite: bool
+) -> dict[str, int]:
+    header = _read_header(data, path)
+    major, minor = header["major"], header["minor"]
     layout = weights_layout(network)
     expected = _header_size(major, minor) + 4 * sum(
         int(np.prod(s)) for _, _, s in layout
     )
     if len(data) != expected:
         raise FormatError(
-            f"{path}: the file has {len(data)} bytes but the cfg implies {expected} "
-            f"({'shorter' if len(data) < expected else 'longer'}); the .weights file "
-            "does not belong to this .cfg."
+            f"{path}: the file has {len(data)} bytes but the network implies "
+            f"{expected} ({'shorter' if len(data) < expected else 'longer'}); the "
+            ".weights file does not belong to this network."
         )
     values = np.frombuffer(data, dtype="<f4", offset=_header_size(major, minor))
     transpose = _transposed(major, minor)
@@ -152,7 +174,79 @@ def read_weights(
         plan.append((owner, name, chunk.astype(current.dtype)))
     for owner, name, value in plan:
         setattr(owner, name, value)
-    return {"major": major, "minor": minor, "revision": revision, "seen": int(seen)}
+    return header
+
+
+def _read_file(path: Any) -> bytes:
+    return _read_files([path])[0]
+
+
+def _read_files(paths: list[Any]) -> list[bytes]:
+    """The bytes of files written together (a cfg and its weights), or FormatError."""
+    try:
+        return read_together(paths)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise FormatError(
+            f"{exc.filename}: cannot read: {exc.strerror or exc}."
+        ) from None
+
+
+def _file_floats(specs: list[tuple[dict[str, Any], int]]) -> int:
+    """float32 values a ``.weights`` file holds for these cfg layer specs."""
+    total = 0
+    for spec, _ in specs:
+        for name, shape in declared_arrays(spec).items():
+            # a BatchNorm's β is stored as its conv/connected layer's biases
+            total += math.prod(shape) if name != "beta" else 0
+        if spec["type"] in ("Conv2d", "Linear") and not spec["bias"]:
+            total += spec[
+                "out_channels" if spec["type"] == "Conv2d" else "out_features"
+            ]
+    return total
+
+
+def _tie(weights_path: Any, weights: bytes) -> str:
+    """The cfg comment that names the .weights written with it."""
+    digest = hashlib.sha256(weights).hexdigest()[:16]
+    return f"# batchnorm: written with {Path(weights_path).name}, sha256 {digest}"
+
+
+_TIE = re.compile(r"^# batchnorm: written with .*, sha256 ([0-9a-f]{16})$", re.M)
+
+
+def _not_a_pair(
+    cfg_path: Any, weights_path: Any, text: str, data: bytes, expected: int
+) -> FormatError:
+    """What a .weights that does not fit its cfg says: sizes, tie, which is newer."""
+    parts = [
+        f"{weights_path} and {cfg_path} are not a pair: {weights_path} has "
+        f"{len(data)} bytes, {cfg_path} implies {expected}"
+    ]
+    tie = _TIE.search(text)
+    if tie and tie.group(1) != hashlib.sha256(data).hexdigest()[:16]:
+        parts.append(f"{cfg_path} was written with another .weights")
+    try:
+        times = {
+            cfg_path: os.stat(cfg_path).st_mtime,
+            weights_path: os.stat(weights_path).st_mtime,
+        }
+    except OSError:
+        times = {}
+    if times:
+        newer, older = sorted(times, key=times.__getitem__, reverse=True)
+        gap = times[newer] - times[older]
+        parts.append(
+            f"{newer} is newer (modified {gap:.3g} s after {older})"
+            if gap > 0
+            else "both were modified at the same time"
+        )
+    return FormatError(
+        "; ".join(parts) + ". A save interrupted between writing the two files, or "
+        "files of two models: save both again, or use the .cfg written with this "
+        ".weights."
+    )
 
 
 def load(
@@ -165,12 +259,16 @@ def load(
 
     BatchNorm layers use the ``"darknet"`` preset, so ``network.eval()`` computes
     what darknet computes at test time: ``(x − mean) / (√var + 1e-6) · γ + β``.
+    The two files are read as one pair (see :func:`save`), and every size the cfg
+    declares is checked against the ``.weights`` before anything is allocated.
 
     Raises
     ------
     batchnorm.io.FormatError
-        Unknown sections or options (with their line), a weights file whose size
-        differs from what the cfg implies (both sizes), non-finite statistics.
+        A cfg that is not text, unknown sections or options, sizes out of range
+        (each with its line), a weights file whose size differs from what the cfg
+        implies ("not a pair", with both sizes and which file is newer),
+        non-finite statistics.
 
     Examples
     --------
@@ -185,15 +283,55 @@ def load(
     >>> (d / "t.weights").stat().st_size   # 20-byte header + 4 · (2 + 6 + 6)
     76
     """
-    sections = cfg.read(cfg_path)
-    layers, input_shape = cfg.build_layers(sections, str(cfg_path))
-    net_options = [[k, v] for k, v in sections[0].options.items()]
-    network = Network(layers, {"input_shape": list(input_shape)})
+    if weights_path is None:
+        raw, data = _read_file(cfg_path), None
+    else:
+        raw, data = _read_files([cfg_path, weights_path])
+    text = cfg.decode(raw, str(cfg_path))
+    sections = cfg.parse(text, str(cfg_path))
+    specs, input_shape = cfg.layer_specs(sections, str(cfg_path))
     header = dict(DEFAULT_HEADER)
-    if weights_path is not None:
-        header = read_weights(network, weights_path, allow_nonfinite=allow_nonfinite)
+    if data is not None:
+        header = _read_header(data, weights_path)
+        size = _header_size(header["major"], header["minor"])
+        expected = size + 4 * _file_floats(specs)
+        if len(data) != expected:
+            raise _not_a_pair(cfg_path, weights_path, text, data, expected)
+    layers = []
+    for spec, line in specs:
+        try:
+            layers.append(build(spec))
+        except FormatError as exc:  # sizes are valid: only allocation can fail
+            count = sum(math.prod(s) for s in declared_arrays(spec).values())
+            raise FormatError(
+                f"{cfg_path}, line {line}: the layer declares {count} parameters "
+                f"({count * 4 / 2**30:.3g} GiB), which cannot be allocated: "
+                f"{exc.__cause__ or exc}"
+            ) from None
+    network = Network(layers, {"input_shape": list(input_shape)})
+    if data is not None:
+        header = _fill(network, data, weights_path, allow_nonfinite=allow_nonfinite)
+    net_options = [[k, v] for k, v in sections[0].options.items()]
     network.metadata["darknet"] = {"header": header, "net": net_options}
     return network
+
+
+def _header_of(head: dict[str, Any]) -> tuple[int, int, int, int]:
+    """``(major, minor, revision, seen)``, checked against the fields' sizes."""
+    values = []
+    for key in ("major", "minor", "revision", "seen"):
+        value = head.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"header[{key!r}] must be an int; got {value!r}.")
+        values.append(int(value))
+    major, minor, revision, seen = values
+    bits = 64 if _seen_is_64bit(major, minor) else 32
+    if not all(-(2**31) <= v < 2**31 for v in values[:3]) or not 0 <= seen < 2**bits:
+        raise ValueError(
+            f"header {head!r} does not fit darknet's fields: major, minor and "
+            f"revision are int32, seen a uint{bits} for this version."
+        )
+    return major, minor, revision, seen
 
 
 def save(
@@ -208,7 +346,15 @@ def save(
 
     ``header`` defaults to the one the network was read with, else darknet's
     ``0.2.0`` with ``seen`` 0. The cfg needs ``input_shape`` (C, H, W) or
-    (features,) unless the network records it.
+    (features,) unless the network records it; the shape is traced through the
+    network first (:func:`batchnorm.io.check_input_shape`), so a wrong one writes
+    nothing.
+
+    The two files are one pair: both are written completely before either is
+    renamed into place, concurrent savers rename their pairs one at a time, and
+    the cfg's first line (a comment, which darknet skips) names the ``.weights``
+    written with it and its sha256. A ``.weights`` saved later without a cfg
+    still loads with that cfg when the structure is the same.
 
     Warns (``UserWarning``) when a standalone BatchNorm has β ≠ 0 (darknet stores
     none) or a BatchNorm's conventions differ from darknet's (its statistics will
@@ -217,10 +363,18 @@ def save(
     layers = layers_of(network)
     meta = dict(getattr(network, "metadata", {}) or {})
     darknet_meta = meta.get("darknet", {})
-    head = dict(header or darknet_meta.get("header") or DEFAULT_HEADER)
-    major, minor, revision, seen = (
-        int(head[k]) for k in ("major", "minor", "revision", "seen")
+    major, minor, revision, seen = _header_of(
+        dict(header or darknet_meta.get("header") or DEFAULT_HEADER)
     )
+    text = None
+    if cfg_path is not None:
+        shape = input_shape or tuple(meta.get("input_shape") or ())
+        if not shape:
+            raise ValueError(
+                "save(cfg_path=...) needs input_shape=(C, H, W) or (features,)."
+            )
+        check_input_shape(network, shape)
+        text = cfg.write_text(layers, tuple(shape), darknet_meta.get("net"))
     layout = weights_layout(network)
     _warn_conventions(layers)
     chunks = [
@@ -235,23 +389,18 @@ def save(
         if _transposed(major, minor) and isinstance(owner, Linear) and name == "weight":
             value = value.T
         chunks.append(np.ascontiguousarray(value).tobytes())
-    text = None
-    if cfg_path is not None:
-        shape = input_shape or tuple(meta.get("input_shape") or ())
-        if not shape:
-            raise ValueError(
-                "save(cfg_path=...) needs input_shape=(C, H, W) or (features,)."
-            )
-        text = cfg.write_text(layers, tuple(shape), darknet_meta.get("net"))
-
-    def write(file: IO[bytes]) -> None:
-        for chunk in chunks:
-            file.write(chunk)
-
-    atomic_write(weights_path, write)
-    if cfg_path is not None and text is not None:
-        encoded = text.encode("utf-8")
-        atomic_write(cfg_path, lambda file: file.write(encoded))
+    weights = b"".join(chunks)
+    del chunks
+    if text is None or cfg_path is None:
+        atomic_write(weights_path, lambda file: file.write(weights))
+        return
+    encoded = f"{_tie(weights_path, weights)}\n{text}".encode()
+    atomic_write_all(
+        [
+            (weights_path, lambda file: file.write(weights)),
+            (cfg_path, lambda file: file.write(encoded)),
+        ]
+    )
 
 
 def _warn_conventions(layers: list[Any]) -> None:

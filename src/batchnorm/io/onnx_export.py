@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from batchnorm.io._atomic import atomic_write
-from batchnorm.io._structure import layers_of
+from batchnorm.io._structure import check_input_shape, layers_of
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d, GlobalAvgPool, MaxPool2d
 from batchnorm.nn.layers import Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Softmax
@@ -38,6 +38,9 @@ def to_model(network: Any, input_shape: tuple[int, ...] | None = None) -> Any:
 
     ``input_shape`` is one sample's shape, (C, H, W) or (features,); the batch
     axis is dynamic (``"N"``). Defaults to ``network.metadata["input_shape"]``.
+    It is traced through the network first (:func:`batchnorm.io.check_input_shape`):
+    a shape the network cannot take raises ``ValueError`` naming the first layer
+    that disagrees, instead of a model that onnxruntime refuses.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -46,7 +49,12 @@ def to_model(network: Any, input_shape: tuple[int, ...] | None = None) -> Any:
         (getattr(network, "metadata", {}) or {}).get("input_shape") or ()
     )
     if not shape:
-        raise ValueError("to_model needs input_shape=(C, H, W) or (features,).")
+        raise ValueError(
+            "to_model needs input_shape=(C, H, W) or (features,): the network "
+            "records none."
+        )
+    check_input_shape(network, shape)
+    shape = tuple(int(n) for n in shape)
     nodes: list[Any] = []
     inits: list[Any] = []
     current = "input"
@@ -154,6 +162,6 @@ def export(
     path: str | os.PathLike[str],
     input_shape: tuple[int, ...] | None = None,
 ) -> None:
-    """Write :func:`to_model`'s model to ``path`` atomically."""
+    """Write :func:`to_model`'s model to ``path`` atomically (nothing on error)."""
     data = to_model(network, input_shape).SerializeToString()
     atomic_write(path, lambda file: file.write(data))
