@@ -197,7 +197,8 @@ def test_random_kills_leave_a_loadable_pair_or_say_it_is_not_one(tmp_path):
 CONCURRENT_WRITER = MODELS + textwrap.dedent(
     """
     import sys, time
-    weights, cfg, which, seconds = sys.argv[1:3] + [int(sys.argv[3]), float(sys.argv[4])]
+    weights, cfg, which, seconds = sys.argv[1:5]
+    which, seconds = int(which), float(seconds)
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         darknet.save(MODELS[which], weights, cfg)
@@ -223,7 +224,9 @@ READER = MODELS + textwrap.dedent(
 
 def test_concurrent_writers_and_readers_see_whole_pairs(tmp_path):
     weights, cfg = str(tmp_path / "m.weights"), str(tmp_path / "m.cfg")
-    darknet.save(model(3), weights, cfg)
+    shared: dict = {}
+    exec(MODELS, shared)
+    darknet.save(shared["MODELS"][0], weights, cfg)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     writers = [
         subprocess.Popen(
