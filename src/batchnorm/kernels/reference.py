@@ -35,6 +35,7 @@ In eval mode μ and v are constants (the running statistics), so
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -74,7 +75,11 @@ def _per_channel(vec: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 
 @quiet_nonfinite
 def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """Two-pass ``(count, mean, M2)`` per channel, in float64."""
+    """Two-pass ``(count, mean, M2)`` per channel, in float64.
+
+    Raises ValueError where finite data has an ``M2`` beyond float64 (see
+    :func:`rescue_overflow`).
+    """
     num_channels = x.shape[axis]
     count = x.size // num_channels if num_channels else 0
     if count == 0:
@@ -85,7 +90,74 @@ def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray
     mean = x64.mean(axis=axes)
     centered = x64 - _per_channel(mean, x.ndim, axis)
     m2 = np.square(centered, out=centered).sum(axis=axes)
+    if not math.isfinite(m2 @ mean):  # one C-value dot: NaN or inf if any is
+        mean, m2 = rescue_overflow(x, axis, mean, m2)
     return int(count), mean, m2
+
+
+#: Data scaled down to values of about this size in the error's advice: ``M2``
+#: stays far inside float64 for any count of values.
+_ADVISED_MAGNITUDE = 100
+
+
+@quiet_nonfinite
+def rescue_overflow(
+    x: np.ndarray, axis: int, mean: np.ndarray, m2: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``mean`` and ``M2`` with every channel that overflowed on finite data redone.
+
+    Sums of finite float64 values can overflow on the way (a channel's plain sum
+    near 1e308, or squares from 1.3e154 on) although the statistics themselves
+    are representable: such a channel is computed again exactly on its values
+    scaled by a power of two, ``mean = x₀ + mean(x − x₀)`` (exact on a constant
+    channel) and ``M2 = Σ(x − mean)²``, and scaled back. Both backends call this
+    when their result is not finite, so they agree on that data; the normal path
+    costs one check of the C-value result. Channels with NaN or inf in the data
+    keep the values given: the caller sees them in the output.
+
+    Raises
+    ------
+    ValueError
+        When a channel of finite values has an ``M2`` beyond float64's range
+        (about 1.8e308): no float64 variance can describe it.
+    """
+    bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(m2)))
+    if bad.size == 0:
+        return mean, m2
+    values = np.moveaxis(np.take(x, bad, axis=axis), axis, 0).reshape(bad.size, -1)
+    values = values.astype(np.float64)
+    finite = np.isfinite(values).all(axis=1)
+    bad, values = bad[finite], values[finite]
+    if bad.size == 0:
+        return mean, m2
+    exponent = np.frexp(np.abs(values).max(axis=1))[1]
+    scaled = np.ldexp(values, -exponent[:, None])
+    first = scaled[:, 0]
+    scaled_mean = first + (scaled - first[:, None]).mean(axis=1)
+    scaled_mean = np.clip(scaled_mean, scaled.min(axis=1), scaled.max(axis=1))
+    scaled_m2 = np.square(scaled - scaled_mean[:, None]).sum(axis=1)
+    new_m2 = np.ldexp(scaled_m2, 2 * exponent)
+    too_large = np.flatnonzero(~np.isfinite(new_m2))
+    if too_large.size:
+        _raise_beyond_float64(x, axis, bad[too_large[0]], values[too_large[0]])
+    mean, m2 = mean.copy(), m2.copy()
+    mean[bad] = np.ldexp(scaled_mean, exponent)
+    m2[bad] = new_m2
+    return mean, m2
+
+
+def _raise_beyond_float64(
+    x: np.ndarray, axis: int, channel: int, values: np.ndarray
+) -> None:
+    largest = float(np.abs(values).max())
+    power = max(1, math.ceil(math.log10(largest)) - _ADVISED_MAGNITUDE)
+    raise ValueError(
+        f"x has finite values whose variance is beyond float64's range: channel "
+        f"{channel} (axis {axis}) holds values up to {largest:.3g} in magnitude, and "
+        "the sum of their squared deviations from the mean exceeds 1.8e308. Batch "
+        "normalization does not change under a per-channel scale (except through "
+        f"eps): normalize x / 1e{power} instead."
+    )
 
 
 @quiet_nonfinite

@@ -301,6 +301,8 @@ def batch_moments(x: np.ndarray, axis: int) -> tuple[int, np.ndarray, np.ndarray
         mean, m2 = _loops.finish_moments(pivot, sums, squares, outer)
     else:
         mean, m2 = _run_ncs(_loops.MOMENTS, n, x3)
+    if not _loops.all_finite(mean, m2):
+        mean, m2 = reference.rescue_overflow(x, axis, mean, m2)
     return outer * inner, mean, m2
 
 
@@ -338,7 +340,8 @@ def forward_train(
 
     Covers what runs on one thread anyway (under ``PARALLEL_MIN_SIZE`` values)
     with something after the channel axis (NCHW); returns None for everything
-    else, and the caller composes :func:`batch_moments` and :func:`normalize`.
+    else, and for statistics that are not finite, and the caller composes
+    :func:`batch_moments` and :func:`normalize`.
     The values are those of that composition (``_loops.train_ncs``).
     """
     if x.size >= PARALLEL_MIN_SIZE or axis == x.ndim - 1:
@@ -352,7 +355,8 @@ def forward_train(
     y3 = _target(x3, out)
     stats = np.empty((3, channels))
     inside = eps_placement == "inside"
-    _loops.train_ncs(x3, gamma, beta, float(eps), inside, ddof, y3, stats)
+    if not _loops.train_ncs(x3, gamma, beta, float(eps), inside, ddof, y3, stats):
+        return None  # statistics that overflowed: batch_moments redoes them
     mean, m2, inv_std = stats
     return x3.shape[0] * x3.shape[2], mean, m2, inv_std, _result(y3, x.shape, out)
 

@@ -127,3 +127,8 @@ def _helper_exact(fn: Callable[..., Any]) -> Any:
 
 def _jit_serial_exact(fn: Callable[..., Any]) -> Any:
     return _jit(fn, parallel=False, fastmath=False)
+
+
+def _jit_entry_reassoc(fn: Callable[..., Any]) -> Any:
+    """A serial loop called from Python whose additions may reassociate."""
+    return _jit(fn, parallel=False, fastmath=True)

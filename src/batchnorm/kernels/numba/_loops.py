@@ -52,6 +52,7 @@ from batchnorm.kernels.numba._jit import (
 from batchnorm.kernels.numba._jit import (
     _helper,
     _helper_exact,
+    _jit_entry_reassoc,
     _jit_serial_exact,
     serial_and_parallel,
 )
@@ -75,8 +76,8 @@ def column_sums(partials):
 def _finish_channel(pivot, total, squares, count):
     """``(mean, M2)`` of one channel from its shifted sums ``Σd`` and ``Σd²``."""
     m2 = squares - total * total / count
-    if m2 < 0.0:  # rounding below an exact 0; NaN stays NaN
-        m2 = 0.0
+    if 0.0 > m2 > -np.inf:  # rounding below an exact 0; NaN stays NaN
+        m2 = 0.0  # and so does -inf (an overflow): the caller checks for it
     return pivot + total / count, m2
 
 
@@ -91,6 +92,20 @@ def finish_moments(pivot, sums, squares, count):
     for c in range(pivot.shape[0]):
         mean[c], m2[c] = _finish_channel(pivot[c], sums[c], squares[c], count)
     return mean, m2
+
+
+@_jit_entry_reassoc
+def all_finite(a, b):
+    """Whether every value of the float64 vectors ``a`` and ``b`` is finite.
+
+    ``v − v`` is 0 for a finite ``v`` and NaN for NaN or ±inf, so the sum is 0
+    exactly when all are finite; unlike a product or a plain sum it cannot
+    overflow (NumPy would warn), and it costs one C-value pass.
+    """
+    total = 0.0
+    for i in range(a.shape[0]):
+        total += (a[i] - a[i]) + (b[i] - b[i])
+    return total == 0.0
 
 
 # The operations a launcher runs (its first argument).
@@ -163,6 +178,16 @@ def _dx_rows(dy, x, mean, slope, dbeta_mean, gain, out, lo, hi):
             dst[j] = ((np.float64(src[j]) - m) * k + np.float64(g[j]) - v) * w
 
 
+@_helper_exact
+def _finite_channel(x, c):
+    """Whether every value of channel ``c`` of the (A, C, S) ``x`` is finite."""
+    for a in range(x.shape[0]):
+        for j in range(x.shape[2]):
+            if not np.isfinite(x[a, c, j]):
+                return False
+    return True
+
+
 @_jit_serial_exact
 def train_ncs(x, gamma, beta, eps, inside, ddof, out, stats):
     """The whole training forward pass of a small (A, C, S) ``x``, on one thread.
@@ -176,6 +201,11 @@ def train_ncs(x, gamma, beta, eps, inside, ddof, out, stats):
     ``beta`` are float64 (ones and zeros for None). Writes ``mean``, ``M2`` and
     ``inv_std`` into the rows of the (3, C) float64 ``stats``, per channel in one
     scalar loop: no arrays handed back to Python and no C-sized temporaries.
+    Returns False when a channel of finite values got a ``mean`` or ``M2`` that
+    is not (an overflow on the way): the caller redoes the statistics (see
+    ``reference.rescue_overflow``), and the ``out`` written here is not the
+    result. NaN or inf in the data stays in its channel's results, as in the
+    reference.
     """
     outer, channels, inner = x.shape
     count = outer * channels
@@ -190,6 +220,7 @@ def train_ncs(x, gamma, beta, eps, inside, ddof, out, stats):
     x_in, ro = _indirect.readonly(x), _indirect.readonly
     _moments_rows(x_in, ro(pivot), zero, count, sums, squares)
     scale = np.empty(channels)
+    finite = True  # no channel of finite values overflowed
     for c in range(channels):
         s = 0.0  # in row order, as column_sums adds them
         q = 0.0
@@ -197,6 +228,8 @@ def train_ncs(x, gamma, beta, eps, inside, ddof, out, stats):
             s += sums[a, c]
             q += squares[a, c]
         mean, m2 = _finish_channel(pivot[c], s, q, n)
+        if not (np.isfinite(mean) and np.isfinite(m2)):
+            finite = finite and not _finite_channel(x, c)
         var = m2 / (n - ddof)
         if inside:
             inv_std = 1.0 / np.sqrt(var + eps)
@@ -207,6 +240,7 @@ def train_ncs(x, gamma, beta, eps, inside, ddof, out, stats):
         stats[2, c] = inv_std
         scale[c] = inv_std * gamma[c]
     _normalize_rows(x_in, ro(stats[0]), ro(scale), ro(beta), out, zero, count)
+    return finite
 
 
 # Added to an operation: the same operation on channels-last (1, M, W) arrays.
