@@ -99,6 +99,48 @@ def test_train_command_under_mpiexec():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["ranks"] == 2 and report["shard_sizes"] == [16, 15]
     assert report["parameters_identical_on_all_ranks"] is True
+    assert report["running_statistics_identical_on_all_ranks"] is True
     # 2 BN layers × (forward + backward) × (2C + 1) float64, C = 100
     assert report["bn_bytes_per_step"] >= 2 * 2 * 201 * 8
     assert report["test_accuracy"] > 0.5
+
+
+def test_train_without_sync_shows_the_statistics_drift_and_exits_0():
+    pytest.importorskip("sklearn")
+    result = run_mpi(
+        3,
+        "-m",
+        "batchnorm.app.main",
+        "train",
+        "--json",
+        "--model",
+        "cnn",
+        "--no-sync",
+        "--steps",
+        "10",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["sync_batchnorm"] is False
+    # Gradients are still summed over ranks, so the weights stay identical; each
+    # rank's BatchNorm sees only its shard, so the running statistics drift.
+    assert report["parameters_identical_on_all_ranks"] is True
+    assert report["running_statistics_identical_on_all_ranks"] is False
+
+
+@pytest.mark.parametrize("mode", ["raise", "stall"])
+def test_a_failing_optimizer_step_ends_every_rank(mode):
+    start = time.monotonic()
+    result = run_mpi(2, str(SUITE / "failing_step.py"), mode, timeout=120)
+    elapsed = time.monotonic() - start
+    out = result.stdout
+    assert result.returncode != 0
+    assert "no error" not in out, out + result.stderr
+    if mode == "raise":  # rank 1 tells rank 0 in the step's collective
+        assert "rank 1: raised injected: the update overflowed" in out, out
+        assert "rank 0: SyncError after " in out, out + result.stderr
+        assert "rank(s) [1] failed in optimizer.step() at step 3" in out
+    else:  # rank 1 never joins: rank 0's deadline
+        assert "rank 0: SyncError after 2." in out, out + result.stderr
+        assert "rank 0 waited 2 s for the other 1 rank(s)" in out
+    assert elapsed < 30  # every rank has a 40 s watchdog: no deadline fired

@@ -4,7 +4,12 @@
 
 Every rank trains on its shard of each global mini-batch with synchronized batch
 normalization; rank 0 prints time per step, bytes sent per step and the final
-test accuracy, and checks that every rank ended with the same parameters.
+test accuracy, and checks that every rank ended with the same parameters and
+running statistics. With ``--no-sync`` each rank normalizes with its own shard's
+statistics: the parameters still agree (gradients are summed over ranks) but the
+running statistics drift apart, which is what the run shows; it exits 0 then.
+A rank that fails ends the whole job (``comm.Abort``) instead of leaving the
+others waiting.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from typing import Any
 
 
@@ -46,8 +52,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _check(args: argparse.Namespace) -> str | None:
+    """The first thing wrong with the arguments, as a one-line error; else None."""
+    for flag, value, least in (
+        ("--steps", args.steps, 1),
+        ("--batch-size", args.batch_size, 2),
+        ("--threads", args.threads, 1),
+    ):
+        if value < least:
+            return f"{flag} must be at least {least}; got {value}."
+    if not args.timeout > 0:
+        return f"--timeout must be a number of seconds > 0; got {args.timeout}."
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from batchnorm.app.main import missing_modules
+
+    error = _check(args)
+    if error is not None:
+        print(f"batchnorm train: {error}", file=sys.stderr)
+        return 2
 
     needs = {
         "mpi4py": "mpi4py",
@@ -65,15 +90,23 @@ def run(args: argparse.Namespace) -> int:
     from mpi4py import MPI
     from threadpoolctl import threadpool_limits
 
-    if args.steps < 1 or args.batch_size < 2 or args.threads < 1:
-        print("--steps and --threads must be >= 1, --batch-size >= 2")
-        return 2
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     threads = args.threads
-    # Ranks share the machine's cores: unlimited BLAS pools oversubscribe them.
-    with threadpool_limits(threads):
-        return _train(args, comm, rank, size, threads)
+    try:
+        # Ranks share the machine's cores: unlimited BLAS pools oversubscribe them.
+        with threadpool_limits(threads):
+            return _train(args, comm, rank, size, threads)
+    except Exception:
+        if size == 1:
+            raise
+        # The other ranks may be waiting in a collective this rank will never
+        # join: end the job rather than leave them to their deadline.
+        print(f"batchnorm train: rank {rank} of {size} failed:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.Abort(1)
+        raise
 
 
 def _train(
@@ -102,8 +135,12 @@ def _train(
         batch_size=args.batch_size,
         rng=np.random.default_rng(args.seed + 1),
         comm=comm,
+        timeout=args.timeout,
     )
-    agree = dp.parameters_agree(model, comm)
+    same_parameters = dp.parameters_agree(
+        model, comm, running_stats=False, timeout=args.timeout
+    )
+    same_statistics = dp.running_statistics_agree(model, comm, timeout=args.timeout)
     model.eval()
     test_accuracy = accuracy(model, data.x_test, data.y_test)
     warm = stats.seconds[min(5, len(stats.seconds) - 1) :]
@@ -126,12 +163,23 @@ def _train(
         "gradient_bytes_per_step": stats.gradient_bytes / args.steps,
         "final_loss": stats.loss[-1],
         "test_accuracy": test_accuracy,
-        "parameters_identical_on_all_ranks": agree,
+        "parameters_identical_on_all_ranks": same_parameters,
+        "running_statistics_identical_on_all_ranks": same_statistics,
     }
     if rank == 0:
         if args.json:
             print(json.dumps(report))
         else:
             for key, value in report.items():
-                print(f"{key:>34}: {value}")
-    return 0 if agree else 1
+                print(f"{key:>41}: {value}")
+            if args.no_sync and not same_statistics:
+                print(
+                    "Without synchronization each rank's BatchNorm saw only its "
+                    "shard: the running statistics differ between ranks, so each "
+                    "rank's model predicts differently in eval mode. Drop --no-sync "
+                    "to keep them identical."
+                )
+    # The parameters agree in both modes (gradients are summed over ranks); the
+    # running statistics agree only when BatchNorm is synchronized.
+    worked = same_parameters and (args.no_sync or same_statistics)
+    return 0 if worked else 1

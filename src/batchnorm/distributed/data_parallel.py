@@ -8,21 +8,28 @@ loss gradient by ``1 / N_global``; BatchNorm statistics span all shards
 across ranks, reduced to rank 0 and broadcast, so every rank applies bitwise the
 same update and the parameters stay identical. The result equals one process
 training on the whole batch (tests/distributed/mpi_suite/check_data_parallel.py).
+
+Every collective of the trainer waits at most ``timeout`` seconds, as
+SyncBatchNorm's own do, and raises :class:`~batchnorm.distributed.SyncError`
+instead of hanging when a rank never joins. A rank whose optimizer step raises
+still joins the step's last collective, with a failure marker, so every other
+rank raises at once rather than at its deadline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from batchnorm.distributed.sync import SyncBatchNorm
+from batchnorm.distributed.sync import SyncBatchNorm, SyncError
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.data import Split, minibatches
 from batchnorm.nn.loss import SoftmaxCrossEntropy
-from batchnorm.nn.walk import replace_batch_norms
+from batchnorm.nn.walk import batch_norms, replace_batch_norms
 
 __all__ = [
     "StepStats",
@@ -30,6 +37,7 @@ __all__ = [
     "fit_data_parallel",
     "parameters_agree",
     "revert_sync_batchnorm",
+    "running_statistics_agree",
     "shard_bounds",
 ]
 
@@ -69,20 +77,57 @@ def shard_bounds(total: int, rank: int, size: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
-def _sum_gradients(model: Any, comm: Any) -> int:
+def _check_timeout(timeout: Any) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(
+            f"timeout must be a number of seconds; got {type(timeout).__name__} "
+            f"{timeout!r}. Pass e.g. timeout=60."
+        )
+    if not timeout > 0:
+        raise ValueError(
+            f"timeout must be a number of seconds > 0; got {timeout!r}. Pass e.g. "
+            "timeout=60."
+        )
+    return float(timeout)
+
+
+def _wait(request: Any, comm: Any, timeout: float, where: str) -> None:
+    """Complete the nonblocking collective ``request`` within ``timeout`` seconds.
+
+    Polls rather than blocks: a blocking collective waits forever for a rank
+    that failed, stalled or died outside it. Raises SyncError at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    spins = 0
+    while not request.Test():
+        spins += 1
+        if spins > 1000:  # the first polls are cheap; then check the clock, doze
+            if time.monotonic() > deadline:
+                raise SyncError(
+                    f"{where} on rank {comm.Get_rank()} waited {timeout:g} s for "
+                    f"the other {comm.Get_size() - 1} rank(s), which never joined: "
+                    "a rank died, stalled, or failed outside a collective (see its "
+                    "error). The communicator is unusable; end the job "
+                    "(comm.Abort())."
+                )
+            time.sleep(1e-4)
+
+
+def _sum_gradients(model: Any, comm: Any, timeout: float) -> int:
     """Sum every parameter gradient over ranks, identically on every rank.
 
     Reduce to rank 0, then broadcast: unlike an all-reduce, whose summation order
     may differ between ranks, every rank receives the same bits. Returns the
     payload size in bytes.
     """
+    from mpi4py import MPI
+
     params = list(model.parameters())
     flat = np.concatenate([np.ravel(grad).astype(np.float64) for _, _, grad in params])
     total = np.empty_like(flat)
-    from mpi4py import MPI
-
-    comm.Reduce(flat, total, op=MPI.SUM, root=0)
-    comm.Bcast(total, root=0)
+    where = "fit_data_parallel (gradient sum)"
+    _wait(comm.Ireduce(flat, total, op=MPI.SUM, root=0), comm, timeout, where)
+    _wait(comm.Ibcast(total, root=0), comm, timeout, where)
     start = 0
     for _, _, grad in params:
         grad[...] = total[start : start + grad.size].reshape(grad.shape)
@@ -90,14 +135,44 @@ def _sum_gradients(model: Any, comm: Any) -> int:
     return int(flat.nbytes)
 
 
-def parameters_agree(model: Any, comm: Any) -> bool:
-    """True when every rank holds bitwise the same parameters and BN statistics."""
+def _same_on_every_rank(blobs: list[bytes], comm: Any, timeout: float) -> bool:
+    """Whether ``blobs`` are bitwise the same on every rank (their SHA-256 is)."""
+    digest = np.frombuffer(hashlib.sha256(b"".join(blobs)).digest(), dtype=np.uint8)
+    everyone = np.empty((comm.Get_size(), digest.size), dtype=np.uint8)
+    request = comm.Iallgather(digest, everyone)
+    _wait(request, comm, timeout, "parameters_agree")
+    return bool(np.all(everyone == everyone[0]))
+
+
+def parameters_agree(
+    model: Any, comm: Any, *, running_stats: bool = True, timeout: float = 60.0
+) -> bool:
+    """True when every rank holds bitwise the same parameters.
+
+    With ``running_stats`` (the default), every BatchNorm's running statistics
+    must agree too. Raises SyncError when a rank does not join within
+    ``timeout`` seconds.
+    """
     blobs = [value.tobytes() for _, value, _ in model.parameters()]
-    for layer in getattr(model, "layers", [model]):
-        if isinstance(layer, BatchNorm):
-            blobs += [layer.running_mean.tobytes(), layer.running_var.tobytes()]
-    everyone = comm.allgather(b"".join(blobs))
-    return all(blob == everyone[0] for blob in everyone)
+    if running_stats:
+        blobs += _running_statistics(model)
+    return _same_on_every_rank(blobs, comm, _check_timeout(timeout))
+
+
+def running_statistics_agree(model: Any, comm: Any, *, timeout: float = 60.0) -> bool:
+    """True when every BatchNorm's running statistics are bitwise the same on
+    every rank: always with SyncBatchNorm, rarely with plain layers on shards."""
+    return _same_on_every_rank(
+        _running_statistics(model), comm, _check_timeout(timeout)
+    )
+
+
+def _running_statistics(model: Any) -> list[bytes]:
+    return [
+        stat.tobytes()
+        for layer in batch_norms(model)
+        for stat in (layer.running_mean, layer.running_var)
+    ]
 
 
 @dataclass
@@ -120,6 +195,7 @@ def fit_data_parallel(
     batch_size: int,
     rng: np.random.Generator,
     comm: Any,
+    timeout: float = 60.0,
 ) -> StepStats:
     """Train ``model`` on shards of seeded global mini-batches of ``batch_size``.
 
@@ -135,35 +211,69 @@ def fit_data_parallel(
     rng : numpy Generator
         Seeded identically on every rank: it draws the global batches.
     comm : mpi4py communicator
+    timeout : float, default 60
+        Seconds each of the trainer's collectives waits for the other ranks.
 
     Returns
     -------
     StepStats
         Global mean loss of every step, step times, bytes this rank sent.
+
+    Raises
+    ------
+    SyncError
+        A rank did not join a collective within ``timeout`` seconds, or another
+        rank's optimizer step raised (that rank raises its own error).
     """
+    timeout = _check_timeout(timeout)
     rank, size = comm.Get_rank(), comm.Get_size()
     lo, hi = shard_bounds(batch_size, rank, size)
     loss_fn = SoftmaxCrossEntropy(reduction="sum")
     stats = StepStats()
     sync_layers = [
-        layer
-        for layer in getattr(model, "layers", [model])
-        if isinstance(layer, SyncBatchNorm)
+        layer for layer in batch_norms(model) if isinstance(layer, SyncBatchNorm)
     ]
     sent_before = sum(layer.bytes_sent for layer in sync_layers)
     calls_before = sum(layer.collectives for layer in sync_layers)
     batches = minibatches(data.x_train, data.y_train, batch_size, rng)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         xb, yb = next(batches)
         start = time.perf_counter()
         local_loss = loss_fn(model.forward(xb[lo:hi]), yb[lo:hi])
         model.backward(loss_fn.backward() / batch_size)
-        stats.gradient_bytes += _sum_gradients(model, comm)
-        optimizer.step()
+        stats.gradient_bytes += _sum_gradients(model, comm, timeout)
+        failure = None
+        try:
+            optimizer.step()
+        except Exception as error:  # told to the other ranks, then raised here
+            failure = error
         stats.seconds.append(time.perf_counter() - start)
-        stats.loss.append(comm.allreduce(local_loss) / batch_size)
+        total_loss = _sum_losses(local_loss, failure is not None, step, comm, timeout)
+        if failure is not None:
+            raise failure
+        stats.loss.append(total_loss / batch_size)
     stats.bn_bytes = sum(layer.bytes_sent for layer in sync_layers) - sent_before
     stats.bn_collectives = (
         sum(layer.collectives for layer in sync_layers) - calls_before
     )
     return stats
+
+
+def _sum_losses(
+    local_loss: float, failed: bool, step: int, comm: Any, timeout: float
+) -> float:
+    """The step's summed loss over ranks (in rank order, the same bits on every
+    rank), gathered with each rank's failure marker; raises SyncError on the
+    ranks that did not fail when one did."""
+    mine = np.array([1.0 if failed else 0.0, local_loss])
+    everyone = np.empty((comm.Get_size(), 2))
+    request = comm.Iallgather(mine, everyone)
+    _wait(request, comm, timeout, "fit_data_parallel (loss)")
+    failed_ranks = np.flatnonzero(everyone[:, 0]).tolist()
+    if failed_ranks and not failed:
+        raise SyncError(
+            f"rank(s) {failed_ranks} failed in optimizer.step() at step {step} (see "
+            "the error raised there); this rank stops too, since its parameters "
+            "no longer match theirs."
+        )
+    return float(sum(everyone[:, 1]))

@@ -1,0 +1,54 @@
+"""The data-parallel trainer's arguments, checked before any communication."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from batchnorm.distributed import data_parallel as dp
+from batchnorm.nn import SGD, Split, mlp
+
+
+class NoComm:
+    """A communicator that fails the test if anything is sent."""
+
+    def Get_rank(self):  # noqa: N802 - mpi4py's name
+        return 0
+
+    def Get_size(self):  # noqa: N802
+        return 1
+
+    def __getattr__(self, name):
+        raise AssertionError(f"communicated ({name}) before checking timeout")
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error", "message"),
+    [
+        (0, ValueError, "> 0; got 0"),
+        (-1.0, ValueError, "> 0; got -1.0"),
+        (float("nan"), ValueError, "> 0; got nan"),
+        (True, TypeError, "got bool True"),
+        ("60", TypeError, "got str '60'"),
+    ],
+)
+def test_timeout_must_be_positive_seconds(timeout, error, message):
+    rng = np.random.default_rng(0)
+    model = mlp(batch_norm=True, rng=rng, in_features=4, hidden=(3,), backend="numpy")
+    data = Split(rng.normal(size=(8, 4)), np.arange(8) % 2, np.zeros((0, 4)), [])
+    with pytest.raises(error, match=r"timeout must be a number of seconds"):
+        dp.fit_data_parallel(
+            model,
+            SGD(model, lr=0.1),
+            data,
+            steps=1,
+            batch_size=4,
+            rng=rng,
+            comm=NoComm(),
+            timeout=timeout,
+        )
+    for check in (dp.parameters_agree, dp.running_statistics_agree):
+        with pytest.raises(error, match=re.escape(message)):
+            check(model, NoComm(), timeout=timeout)
