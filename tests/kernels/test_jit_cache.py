@@ -89,3 +89,85 @@ def test_kernels_work_with_no_writable_cache_location(tmp_path):
         NUMBA_CACHE_DIR=str(home / ".cache" / "numba"),
     )
     assert out == "True True True NullCache NullCache NullCache"
+
+
+# A small training step: compiles (or loads) the fused pass and its helpers only.
+_STEP = (
+    "import warnings, numpy as np, batchnorm as bn;"
+    "from batchnorm.kernels.numba import CacheWarning;"
+    "x = np.arange(24, dtype=np.float32).reshape(4, 2, 3) % 5;"
+    "ref = bn.functional.forward_train(x, None, None, backend='numpy')[0];"
+    "warnings.simplefilter('always');"  # each warning, not Python's once per place
+    "\nwith warnings.catch_warnings(record=True) as caught:"
+    "\n    warnings.simplefilter('always')"
+    "\n    same = [np.allclose(bn.functional.forward_train(x, None, None,"
+    " backend='numba')[0], ref, rtol=0, atol=1e-6) for _ in range(2)]"
+    "\nours = [w for w in caught if issubclass(w.category, CacheWarning)]"
+    "\nprint(all(same), len(ours), len(caught) - len(ours));"
+    "print(ours[0].message if ours else '')"
+)
+
+
+@pytest.fixture(scope="module")
+def filled_cache(tmp_path_factory):
+    """A cache directory that holds the compiled small training step."""
+    directory = tmp_path_factory.mktemp("filled") / "cache"
+    assert run_python(_STEP, NUMBA_CACHE_DIR=str(directory)).startswith("True 0 0")
+    return directory
+
+
+def test_a_corrupt_cache_is_warned_about_once_and_never_breaks_a_call(
+    filled_cache, tmp_path
+):
+    """Garbage in an index (ValueError from pickle), an empty index (EOFError) and
+    a garbage data file (UnpicklingError) made every call raise."""
+    directory = tmp_path / "cache"
+    shutil.copytree(filled_cache, directory)
+    index = sorted(directory.rglob("*.nbi"))
+    data = sorted(directory.rglob("*.nbc"))
+    assert len(index) >= 3 and data
+    index[0].write_bytes(b"garbage\n")
+    index[1].write_bytes(b"")
+    data[-1].write_bytes(b"\x80\x04not a pickle")
+    first, message = run_python(_STEP, NUMBA_CACHE_DIR=str(directory)).split("\n")
+    assert first == "True 1 0"
+    assert "could not be read" in message and "NUMBA_CACHE_DIR" in message
+    # The broken entries were replaced: the next process loads them quietly.
+    second = run_python(_STEP, NUMBA_CACHE_DIR=str(directory)).split("\n")[0]
+    assert second == "True 0 0"
+
+
+def test_a_full_disk_is_warned_about_once_and_never_breaks_a_call(tmp_path):
+    """ENOSPC where Numba writes its cache files (they are written to a temporary
+    name and renamed: a full disk fails in that write) made every call raise."""
+    patch = (
+        "import errno, os, numba.core.caching as caching\n"
+        "def full(self, path):\n"
+        "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)\n"
+        "caching.IndexDataCacheFile._open_for_write = full\n"
+    )
+    out = run_python(patch + _STEP, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    first, message = out.split("\n")
+    assert first == "True 1 0"
+    assert "could not be written" in message and "No space left" in message
+
+
+def _plus_one(value):
+    return value + 1.0
+
+
+def test_the_cache_warning_is_a_catchable_warning(tmp_path, monkeypatch):
+    """In process: a CacheWarning (so ``-W error`` and pytest's filters see it),
+    and the call still returns."""
+    import numba
+
+    from batchnorm.kernels.numba import CacheWarning, _jit
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_jit, "_cache_warned", [])
+    compiled = _jit._jit(_plus_one, parallel=False, fastmath=False)
+    index = Path(compiled._cache._cache_file._index_path)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_bytes(b"garbage\n")
+    with pytest.warns(CacheWarning, match=r"could not be read \(ValueError"):
+        assert compiled(1.0) == 2.0

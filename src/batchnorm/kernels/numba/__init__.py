@@ -24,7 +24,9 @@ Compilation is lazy (on the first call per dtype and layout) and cached on disk
 with ``cache=True``. Numba picks the cache directory: ``$NUMBA_CACHE_DIR`` when set,
 else the ``__pycache__`` next to this file, else, when site-packages is read-only,
 the user-wide ``~/.cache/numba``; with none writable, kernels compile in each
-process instead of failing.
+process instead of failing. A cache that cannot be read or written (corrupt
+files, a full disk) costs a compilation, never a call: one :class:`CacheWarning`
+per process, and a broken entry is replaced by the code compiled instead.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 from batchnorm import _memory
 from batchnorm.kernels import reference
 from batchnorm.kernels.numba import _loops
-from batchnorm.kernels.numba._jit import serial_and_parallel
+from batchnorm.kernels.numba._jit import CacheWarning, serial_and_parallel
 from batchnorm.kernels.numba._loops_channels_last import WIDE_ROW
 from batchnorm.kernels.numba._threads import (
     PARALLEL_MIN_SIZE,
@@ -50,6 +52,7 @@ from batchnorm.kernels.numba._threads import (
 
 __all__ = [
     "PARALLEL_MIN_SIZE",
+    "CacheWarning",
     "backward_apply",
     "backward_eval",
     "backward_train",

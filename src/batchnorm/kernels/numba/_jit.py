@@ -3,7 +3,8 @@
 Every compiled loop of :mod:`batchnorm.kernels.numba._loops`,
 :mod:`batchnorm.kernels.numba._loops_channels_last` and :mod:`batchnorm.app.bench.floor`
 goes through :func:`_jit`: ``nogil``, ``cache=True`` (compiled in every process
-when no cache directory is writable), no C-callback wrapper, and ``fastmath``
+when no cache directory is writable, and whenever the cache fails: see
+:class:`_TolerantCache`), no C-callback wrapper, and ``fastmath``
 limited to reassociation and contraction, for the reductions only. Helpers that
 only compiled code calls get no Python wrapper; :func:`serial_and_parallel`
 compiles one loop twice, without threads and with ``prange``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -94,11 +96,77 @@ def _jit(
         "no_cpython_wrapper": not entry,
     }
     try:
-        return numba.njit(_renamed(fn, "_" + SOURCES_DIGEST), cache=True, **options)
+        dispatcher = numba.njit(
+            _renamed(fn, "_" + SOURCES_DIGEST), cache=True, **options
+        )
     except RuntimeError:
         # No writable cache directory anywhere (numba tries $NUMBA_CACHE_DIR, the
         # package's __pycache__, then ~/.cache/numba): compile in every process.
         return numba.njit(fn, **options)
+    dispatcher._cache = _TolerantCache(dispatcher._cache)
+    return dispatcher
+
+
+class CacheWarning(RuntimeWarning):
+    """Numba's on-disk cache of the kernels could not be read or written.
+
+    The kernels are then compiled in the process (slower first calls, the same
+    results); issued once per process.
+    """
+
+
+_cache_warned: list[bool] = []  # one warning per process, whichever cache failed
+
+
+class _TolerantCache:
+    """Numba's cache of one function, whose failures cost a compilation, not a call.
+
+    Numba lets an error of its cache reach the call that compiles: a corrupt index
+    or data file (``UnpicklingError``, ``EOFError``, ``ValueError``…), a full disk
+    (``OSError`` ENOSPC), a directory that went away. Here a failed load compiles
+    instead, and resets the function's index so that the compiled code replaces
+    the broken entry; a failed save keeps the compiled code for this process.
+    Everything else goes to Numba's cache object.
+    """
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+    def load_overload(self, sig: Any, target_context: Any) -> Any:
+        try:
+            return self._cache.load_overload(sig, target_context)
+        except Exception as exc:  # noqa: BLE001 - unpickling raises anything
+            _warn_cache("read", self._cache, exc)
+            try:
+                self._cache.flush()  # an empty index, rewritten on the next save
+            except Exception:  # noqa: BLE001, S110 - the warning has been given
+                pass
+            return None
+
+    def save_overload(self, sig: Any, data: Any) -> None:
+        try:
+            self._cache.save_overload(sig, data)
+        except Exception as exc:  # noqa: BLE001 - a full disk, a removed directory
+            _warn_cache("written", self._cache, exc)
+
+
+def _warn_cache(action: str, cache: Any, exc: Exception) -> None:
+    if _cache_warned:
+        return
+    _cache_warned.append(True)
+    path = getattr(cache, "cache_path", "?")
+    warnings.warn(
+        f"Numba's cache of the batchnorm kernels in {path} could not be {action} "
+        f"({type(exc).__name__}: {exc}); the kernels are compiled in this process "
+        "instead (slower first calls, the same results). Free disk space, delete "
+        "that directory (it is rebuilt), or set NUMBA_CACHE_DIR to another writable "
+        "directory. Further cache errors in this process are not reported.",
+        CacheWarning,
+        stacklevel=2,
+    )
 
 
 def serial_and_parallel(
