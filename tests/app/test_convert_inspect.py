@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -131,3 +136,193 @@ def test_native_cnn_to_darknet_with_written_cfg(tmp_path):
     again = tmp_path / "again.weights"
     assert main(["convert", str(back), str(again)]) == 0
     assert again.read_bytes() == weights.read_bytes()
+
+
+# -- hardening: shapes, partial outputs, damaged files, messages ---------------
+
+
+@pytest.fixture
+def cnn_file(tmp_path):
+    from batchnorm import nn
+
+    bio.save(nn.cnn(batch_norm=True, rng=np.random.default_rng(0)), tmp_path / "m.npz")
+    return tmp_path / "m.npz"
+
+
+@pytest.fixture
+def mlp_file(tmp_path):
+    """A darknet-preset MLP (saving it to darknet warns about nothing)."""
+    import batchnorm as bn
+    from batchnorm import nn
+
+    layers = [
+        nn.Linear(64, 4, bias=False, rng=0),
+        bn.BatchNorm.from_preset("darknet", 4),
+        nn.ReLU(),
+    ]
+    bio.save(nn.Sequential(layers), tmp_path / "mlp.npz")
+    return tmp_path / "mlp.npz"
+
+
+def convert(*args) -> int:
+    return main(["convert", *map(str, args)])
+
+
+@pytest.mark.parametrize(
+    ("shape", "layer"),
+    [
+        ("3,8,8", r"layer 0 \(Conv2d"),
+        ("1,16,16", r"layer 9 \(Linear"),
+        ("64", r"layer 0 \(Conv2d"),
+    ],
+)
+def test_convert_to_onnx_refuses_a_shape_the_network_cannot_take(
+    cnn_file, capsys, shape, layer
+):
+    pytest.importorskip("onnx")
+    out = cnn_file.parent / "m.onnx"
+    out.write_bytes(b"old")
+    assert convert(cnn_file, out, "--input-shape", shape) == 2
+    captured = capsys.readouterr()
+    assert f"--input-shape {shape} does not fit the network: " in captured.err
+    assert re.search(layer, captured.err) and "wrote" not in captured.out
+    assert out.read_bytes() == b"old"
+
+
+def test_convert_to_onnx_with_a_rank_the_graph_cannot_take(cnn_file, capsys):
+    pytest.importorskip("onnx")
+    assert convert(cnn_file, cnn_file.parent / "m.onnx", "--input-shape", "8,8") == 2
+    err = capsys.readouterr().err
+    assert "--input-shape 8,8 must be (C, H, W) or (features,)" in err
+    assert not (cnn_file.parent / "m.onnx").exists()
+
+
+def test_convert_to_darknet_refuses_a_wrong_shape_for_the_cfg(cnn_file, capsys):
+    weights, cfg = cnn_file.parent / "m.weights", cnn_file.parent / "m.cfg"
+    code = convert(cnn_file, weights, "--write-cfg", cfg, "--input-shape", "3,8,8")
+    assert code == 2
+    assert "--input-shape 3,8,8 does not fit" in capsys.readouterr().err
+    assert not weights.exists() and not cfg.exists()
+
+
+@pytest.mark.parametrize("text", ["a,b", "1,,8", "1.5", "", "-1,8,8"])
+def test_convert_input_shape_that_is_not_a_shape(mlp_file, capsys, text):
+    out = mlp_file.parent / "m.onnx"
+    assert convert(mlp_file, out, f"--input-shape={text}") == 2
+    err = capsys.readouterr().err
+    assert "--input-shape must be sizes separated by commas" in err
+    assert repr(text) in err
+
+
+def test_failed_convert_leaves_every_output_untouched(mlp_file, capsys):
+    keep = mlp_file.parent / "keep.weights"
+    keep.write_bytes(b"old")
+    code = convert(
+        mlp_file, keep, "--write-cfg", "/nonexistent/x.cfg", "--input-shape", "64"
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "folder /nonexistent does not exist" in err and ".tmp" not in err
+    assert keep.read_bytes() == b"old"
+    assert sorted(p.name for p in mlp_file.parent.iterdir()) == [
+        "keep.weights",
+        "mlp.npz",
+    ]
+
+
+def test_missing_output_folder_is_named(mlp_file, capsys):
+    out = mlp_file.parent / "nonexistent_dir" / "out.npz"
+    assert convert(mlp_file, out) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}: the folder {out.parent} does not exist" in err
+    assert ".tmp" not in err and "Errno" not in err
+
+
+def test_messages_name_the_flags(mlp_file, capsys):
+    pytest.importorskip("onnx")
+    assert convert(mlp_file, mlp_file.parent / "m.onnx") == 2
+    assert "--input-shape is required for .onnx output" in capsys.readouterr().err
+    weights, cfg = mlp_file.parent / "m.weights", mlp_file.parent / "m.cfg"
+    assert convert(mlp_file, weights, "--write-cfg", cfg) == 2
+    assert "--input-shape is required for --write-cfg" in capsys.readouterr().err
+    assert not weights.exists()
+    assert convert(mlp_file, mlp_file.parent / "m.npz", "--write-cfg", cfg) == 2
+    assert "--write-cfg goes with a .weights output" in capsys.readouterr().err
+
+
+def test_pt_without_structure_names_the_flags(mlp_file, capsys):
+    torch = pytest.importorskip("torch")
+    path = mlp_file.parent / "plain.pt"
+    torch.save({"0.weight": torch.ones(4, 64)}, path)
+    assert convert(path, mlp_file.parent / "x.npz") == 2
+    err = capsys.readouterr().err
+    assert "does not record its network structure" in err
+    assert "--cfg FILE or --like FILE.npz" in err
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect"])
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [("m.pt", b""), ("m.pt", b"PK\x03\x04 truncated"), ("m.npz", b"\x00" * 10)],
+)
+def test_damaged_inputs_exit_2_with_a_format_error(
+    tmp_path, capsys, command, name, data
+):
+    pytest.importorskip("torch")
+    (tmp_path / name).write_bytes(data)
+    argv = [command, str(tmp_path / name)]
+    if command == "convert":
+        argv.append(str(tmp_path / "out.npz"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / name}: " in err and "weights_only=False" not in err
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect"])
+def test_binary_cfg_exits_2(files, capsys, command):
+    (files / "bin.cfg").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    argv = [command, str(files / "m.weights")]
+    if command == "convert":
+        argv.append(str(files / "out.npz"))
+    assert main([*argv, "--cfg", str(files / "bin.cfg")]) == 2
+    assert "bin.cfg: not a text darknet .cfg" in capsys.readouterr().err
+
+
+def test_inspect_says_which_file_of_a_pair_is_newer(files, capsys):
+    import os
+
+    other = CFG.replace("filters=2", "filters=3")
+    (files / "m.cfg").write_text(other)
+    stamp = os.stat(files / "m.weights").st_mtime - 30
+    os.utime(files / "m.weights", (stamp, stamp))
+    assert (
+        main(["inspect", str(files / "m.weights"), "--cfg", str(files / "m.cfg")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "are not a pair" in err and f"{files / 'm.cfg'} is newer" in err
+
+
+def test_cli_warnings_are_one_clean_line(tmp_path):
+    from batchnorm import nn
+
+    bio.save(nn.mlp(batch_norm=True, rng=np.random.default_rng(0)), tmp_path / "m.npz")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "batchnorm.app.main",
+            "convert",
+            str(tmp_path / "m.npz"),
+            str(tmp_path / "m.weights"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2, result.stderr  # one per BatchNorm
+    for index, line in zip((1, 4), lines, strict=True):
+        assert line.startswith(f"batchnorm convert: warning: layer {index}: BatchNorm")
+    assert ".py" not in result.stderr and "warnings.warn" not in result.stderr

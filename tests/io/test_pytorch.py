@@ -69,7 +69,7 @@ def test_state_dict_keys_and_recorded_conventions_survive_torch_save():
     torch.save(state, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
-    recorded = pytorch._recorded(loaded, "6")
+    recorded = pytorch.recorded(loaded, "6")
     assert recorded["momentum_torch"] == pytest.approx(0.3)
     rebuilt = pytorch.load_state_dict(None, loaded).eval()
     np.testing.assert_array_equal(rebuilt(X), net.eval()(X))

@@ -4,12 +4,20 @@
 state dict (read with ``torch.load(weights_only=True)``; one not written by
 batchnorm needs ``--cfg`` or ``--like`` for its structure) · ``.onnx`` (export
 only).
+
+Everything is checked before anything is written (formats, ``--input-shape``
+against the network), and the outputs (``OUT`` and ``--write-cfg``) are renamed
+into place only once all of them are complete: a failed convert leaves every
+file as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,25 +69,66 @@ def read_any(
         if getattr(args, "cfg", None) is None:
             raise ValueError(f"{path}: a darknet .weights file needs --cfg FILE.")
         return darknet.load(args.cfg, path, allow_nonfinite=allow_nonfinite)
-    import torch
-
     from batchnorm.io import pytorch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    state = pytorch.read_state_dict(path)
+    structure = _structure(args)
+    if structure is None and not pytorch.records_structure(state):
+        raise ValueError(
+            f"{path} does not record its network structure (it was not written by "
+            "batchnorm): pass --cfg FILE or --like FILE.npz to give it."
+        )
     return pytorch.load_state_dict(
-        _structure(args), state, allow_nonfinite=allow_nonfinite
+        structure, state, allow_nonfinite=allow_nonfinite, source=str(path)
     )
 
 
+def _input_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ValueError(
+            "--input-shape must be sizes separated by commas, one sample's C,H,W "
+            f"or FEATURES (e.g. 1,8,8 or 64); got {text!r}."
+        )
+    return sizes
+
+
+def _check_shape(obj: Any, suffix: str, args: argparse.Namespace) -> Any:
+    """The input shape the output needs, checked against the network (or None)."""
+    from batchnorm.io import check_input_shape
+
+    shape = _input_shape(args.input_shape)
+    if args.write_cfg is not None and suffix != ".weights":
+        raise ValueError(
+            f"--write-cfg goes with a .weights output; {args.output} is {suffix}."
+        )
+    if suffix != ".onnx" and args.write_cfg is None:
+        return shape
+    if shape is not None:
+        check_input_shape(obj, shape, name="--input-shape")
+        return shape
+    recorded = (getattr(obj, "metadata", None) or {}).get("input_shape")
+    if not recorded:
+        needed = ".onnx output" if suffix == ".onnx" else "--write-cfg"
+        raise ValueError(
+            f"--input-shape is required for {needed}: {args.input} records no "
+            "input shape. Give one sample's shape, e.g. --input-shape 1,8,8 or 64."
+        )
+    check_input_shape(obj, recorded, name=f"the input shape recorded in {args.input}")
+    return None
+
+
 def write_any(obj: Any, path: Path, args: argparse.Namespace) -> None:
+    """Write ``obj`` to ``path`` (and ``--write-cfg``); checks first, then writes."""
     from batchnorm.io import darknet, native
 
     suffix = _suffix(path, _WRITE, "output")
-    shape = None
-    if args.input_shape:
-        shape = tuple(int(n) for n in args.input_shape.split(","))
+    shape = _check_shape(obj, suffix, args)
     if suffix == ".npz":
         native.save(obj, path)
     elif suffix == ".weights":
@@ -94,14 +143,31 @@ def write_any(obj: Any, path: Path, args: argparse.Namespace) -> None:
         pytorch.save(obj, path)
 
 
+@contextlib.contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Show warnings as ``batchnorm COMMAND: warning: ...``, without source lines."""
+    original = warnings.formatwarning
+
+    def one_line(message: Any, *_: Any, **__: Any) -> str:
+        return f"batchnorm {command}: warning: {message}\n"
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 def run(args: argparse.Namespace) -> int:
     from batchnorm.io import FormatError
 
-    try:
-        obj = read_any(args.input, args)
-        write_any(obj, args.output, args)
-    except (FormatError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"batchnorm convert: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.output}")
+    with one_line_warnings("convert"):
+        try:
+            obj = read_any(args.input, args)
+            write_any(obj, args.output, args)
+        except (FormatError, ValueError, TypeError, OSError, ImportError) as exc:
+            print(f"batchnorm convert: error: {exc}", file=sys.stderr)
+            return 2
+    also = f" and {args.write_cfg}" if args.write_cfg is not None else ""
+    print(f"wrote {args.output}{also}")
     return 0

@@ -66,16 +66,17 @@ def health(layer: Any) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchnorm.app.convert import read_any
+    from batchnorm.app.convert import one_line_warnings, read_any
     from batchnorm.io import FormatError
     from batchnorm.layer import BatchNorm
     from batchnorm.nn import children
 
-    try:
-        obj = read_any(args.file, args, allow_nonfinite=True)
-    except (FormatError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"batchnorm inspect: error: {exc}", file=sys.stderr)
-        return 2
+    with one_line_warnings("inspect"):
+        try:
+            obj = read_any(args.file, args, allow_nonfinite=True)
+        except (FormatError, ValueError, TypeError, OSError, ImportError) as exc:
+            print(f"batchnorm inspect: error: {exc}", file=sys.stderr)
+            return 2
     layers = children(obj)
     found = 0
     print(f"{args.file}: {len(layers)} layer(s)")

@@ -21,7 +21,8 @@ never returns a half-loaded model; every writer replaces its files atomically
 [Linear(4, 3, bias=False), BatchNorm(3, ...), ReLU()]
 """
 
-from batchnorm.io._structure import FormatError, Network, check_input_shape
+from batchnorm.io._shapes import check_input_shape
+from batchnorm.io._structure import FormatError, Network
 from batchnorm.io.native import FORMAT_VERSION, load, save
 from batchnorm.nn.layers import LeakyReLU, Softmax
 

@@ -112,13 +112,13 @@ def read_together(paths: Iterable[str | os.PathLike[str]]) -> list[bytes]:
     after the lock is released (an open file keeps its contents across renames).
     Raises ``OSError`` (with ``filename`` set) for a file that cannot be read.
     """
-    paths = [Path(path) for path in paths]
-    directories = sorted({_resolve(path).parent for path in paths})
+    names = [Path(path) for path in paths]
+    directories = sorted({_resolve(name).parent for name in names})
     files: list[IO[bytes]] = []
     try:
         with _locked(directories, exclusive=False):
-            for path in paths:
-                files.append(open(path, "rb"))  # noqa: SIM115 (closed below)
+            for name in names:
+                files.append(open(name, "rb"))  # noqa: SIM115 (closed below)
         return [file.read() for file in files]
     finally:
         for file in files:

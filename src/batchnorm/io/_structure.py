@@ -9,8 +9,7 @@ failed load never leaves a half-loaded model behind.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,7 @@ __all__ = [
     "Network",
     "arrays_of",
     "build",
-    "check_input_shape",
+    "check_declared",
     "declared_arrays",
     "describe",
     "fill",
@@ -197,6 +196,43 @@ def declared_arrays(spec: Any) -> dict[str, tuple[int, ...]]:
     return arrays
 
 
+def check_declared(
+    specs: list[Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    single: bool,
+    source: str,
+) -> None:
+    """The arrays the layer specs declare are exactly ``shapes`` (before building).
+
+    ``shapes`` maps array names (``"0.weight"``, or ``"gamma"`` when ``single``)
+    to the shapes a file holds; a spec whose sizes disagree with them raises
+    :class:`FormatError` before :func:`build` allocates anything.
+    """
+    expected: set[str] = set()
+    for index, spec in enumerate(specs):
+        try:
+            declared = declared_arrays(spec)
+        except ValueError as exc:
+            raise FormatError(
+                f"{source}: invalid layer spec {spec!r} at layer {index}: {exc}"
+            ) from None
+        for name, shape in declared.items():
+            key = name if single else f"{index}.{name}"
+            expected.add(key)
+            if key in shapes and tuple(shapes[key]) != shape:
+                raise FormatError(
+                    f"{source}: array {key!r} has shape {tuple(shapes[key])}; the "
+                    f"{spec['type']} at layer {index} needs {shape}."
+                )
+    missing, unknown = sorted(expected - set(shapes)), sorted(set(shapes) - expected)
+    if missing or unknown:
+        raise FormatError(
+            f"{source}: arrays do not match the network: missing {missing}, unknown "
+            f"{unknown}."
+        )
+
+
 def layers_of(obj: Any) -> list[Any]:
     """The layers of a network, or ``[obj]`` for a lone BatchNorm."""
     if isinstance(obj, BatchNorm | Sequential):
@@ -314,103 +350,3 @@ def fill(
             c = counts.get(layer_prefix(obj, index), {})
             layer.num_batches_tracked = int(c.get("num_batches_tracked", 0))
             layer.num_values_seen = int(c.get("num_values_seen", 0))
-
-
-def check_input_shape(
-    obj: Any, shape: Any, *, name: str = "input_shape"
-) -> tuple[int, ...]:
-    """Trace one sample's ``shape`` through ``obj``'s layers; its output shape.
-
-    Parameters
-    ----------
-    obj : batchnorm.BatchNorm or batchnorm.nn.Sequential
-    shape : tuple of int
-        (C, H, W) or (features,), without the batch axis.
-    name : str, default "input_shape"
-        What the caller calls the shape in messages (``"--input-shape"`` on the
-        command line, which also shows it as typed: ``3,8,8``).
-
-    Raises
-    ------
-    TypeError
-        ``shape`` is not a sequence of ints.
-    ValueError
-        A rank other than 1 or 3, a size < 1, or a layer that cannot take what
-        reaches it: the message names the first such layer.
-
-    Examples
-    --------
-    >>> from batchnorm import nn
-    >>> net = nn.Sequential([nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 2)])
-    >>> check_input_shape(net, (1, 8, 8))
-    (2,)
-    >>> check_input_shape(net, (3, 8, 8))  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: input_shape (3, 8, 8) does not fit ... it gets (3, 8, 8).
-    """
-    if (
-        isinstance(shape, str | bytes)
-        or not isinstance(shape, Sequence)
-        or not all(isinstance(n, int | np.integer) for n in shape)
-        or any(isinstance(n, bool) for n in shape)
-    ):
-        raise TypeError(
-            f"{name} must be a tuple of ints, (C, H, W) or (features,); got {shape!r}."
-        )
-    sizes = tuple(int(n) for n in shape)
-    shown = ",".join(map(str, sizes)) if name.startswith("--") else str(sizes)
-    if len(sizes) not in (1, 3):
-        raise ValueError(
-            f"{name} {shown} must be (C, H, W) or (features,): one sample's shape, "
-            f"without the batch axis; got {len(sizes)} sizes."
-        )
-    if min(sizes) < 1:
-        raise ValueError(f"{name} {shown} must have sizes >= 1.")
-    current = sizes
-    for index, layer in enumerate(layers_of(obj)):
-        problem, current = _traced(layer, current)
-        if problem:
-            raise ValueError(
-                f"{name} {shown} does not fit the network: layer {index} "
-                f"({layer!r}) {problem}."
-            )
-    return current
-
-
-def _traced(layer: Any, s: tuple[int, ...]) -> tuple[str | None, tuple[int, ...]]:
-    """(what is wrong or None, the output shape) of one layer for input ``s``."""
-    if isinstance(layer, Conv2d | MaxPool2d):
-        is_conv = isinstance(layer, Conv2d)
-        wanted = f"({layer.in_channels}, H, W)" if is_conv else "images (C, H, W)"
-        if len(s) != 3 or (is_conv and s[0] != layer.in_channels):
-            return f"takes {wanted}; it gets {s}", s
-        k, stride = layer.kernel_size, layer.stride
-        pad = layer.padding if is_conv else 0
-        h, w = s[1] + 2 * pad, s[2] + 2 * pad
-        if min(h, w) < k:
-            padded = f" (padding {pad})" if pad else ""
-            return f"has kernel {k}, larger than its {s[1]}x{s[2]} input{padded}", s
-        c = layer.out_channels if is_conv else s[0]
-        return None, (c, (h - k) // stride + 1, (w - k) // stride + 1)
-    if isinstance(layer, GlobalAvgPool):
-        if len(s) != 3:
-            return f"takes images (C, H, W); it gets {s}", s
-        return None, (s[0],)
-    if isinstance(layer, Flatten):
-        return None, (math.prod(s),)
-    if isinstance(layer, Linear | Softmax) and len(s) != 1:
-        return f"takes (features,); it gets {s} (put a Flatten() before it)", s
-    if isinstance(layer, Linear):
-        if s[0] != layer.in_features:
-            return f"takes {layer.in_features} features; it gets {s[0]}", s
-        return None, (layer.out_features,)
-    if isinstance(layer, BatchNorm):
-        rank, axis = len(s) + 1, layer.axis
-        if not -rank < axis < rank or axis % rank == 0:
-            batch = ", ".join(["N", *map(str, s)])
-            return f"normalizes axis {axis}, which a batch ({batch}) lacks", s
-        wanted, got = layer.num_features, s[axis % rank - 1]
-        if got != wanted:
-            return f"takes {wanted} channels on axis {axis}; it gets {got}", s
-    return None, s

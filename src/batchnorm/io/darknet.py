@@ -37,11 +37,11 @@ import numpy as np
 
 from batchnorm.io import _darknet_cfg as cfg
 from batchnorm.io._atomic import atomic_write, atomic_write_all, read_together
+from batchnorm.io._shapes import check_input_shape
 from batchnorm.io._structure import (
     FormatError,
     Network,
     build,
-    check_input_shape,
     declared_arrays,
     layers_of,
 )

@@ -36,7 +36,7 @@ from batchnorm.io._structure import (
     Network,
     arrays_of,
     build,
-    declared_arrays,
+    check_declared,
     describe,
     fill,
     layers_of,
@@ -196,35 +196,6 @@ def _read_array(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Any) -> A
     return array
 
 
-def _check_declared(
-    header: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Any
-) -> None:
-    """The arrays every layer spec declares are exactly those in the file."""
-    expected: set[str] = set()
-    single = header["kind"] == "layer"
-    for index, spec in enumerate(header["layers"]):
-        try:
-            declared = declared_arrays(spec)
-        except ValueError as exc:
-            raise FormatError(
-                f"{path}: invalid layer spec {spec!r} at layer {index}: {exc}"
-            ) from None
-        for name, shape in declared.items():
-            key = name if single else f"{index}.{name}"
-            expected.add(key)
-            if key in shapes and shapes[key] != shape:
-                raise FormatError(
-                    f"{path}: array {key!r} has shape {shapes[key]}; the header's "
-                    f"{spec['type']} at layer {index} needs {shape}."
-                )
-    missing, unknown = sorted(expected - set(shapes)), sorted(set(shapes) - expected)
-    if missing or unknown:
-        raise FormatError(
-            f"{path}: arrays do not match the network: missing {missing}, unknown "
-            f"{unknown}."
-        )
-
-
 def read_header(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -252,7 +223,12 @@ def read_header(
                 f"{path}: no {_HEADER} entry; not a batchnorm native file."
             )
         header = _parse_header(raw, path)
-        _check_declared(header, {k: shape for k, (_, shape) in entries.items()}, path)
+        check_declared(
+            header["layers"],
+            {k: shape for k, (_, shape) in entries.items()},
+            single=header["kind"] == "layer",
+            source=str(path),
+        )
         arrays = {k: _read_array(archive, e[0], path) for k, e in entries.items()}
     return header, arrays
 

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from batchnorm.io._atomic import atomic_write
-from batchnorm.io._structure import check_input_shape, layers_of
+from batchnorm.io._shapes import check_input_shape
+from batchnorm.io._structure import layers_of
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d, GlobalAvgPool, MaxPool2d
 from batchnorm.nn.layers import Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Softmax

@@ -18,26 +18,30 @@ no prefix. Conventions converted:
 The conventions of every BatchNorm are recorded in the state dict's
 ``_metadata`` (where PyTorch keeps each module's ``version``) under
 ``"batchnorm"``, and survive ``torch.save`` / ``torch.load(weights_only=True)``.
-torch is imported only when a function here is called.
+torch is imported only when a function here is called. The state dict and file
+functions live in :mod:`batchnorm.io._torch_state`; reading a file
+(:func:`load`, :func:`read_state_dict`) uses ``torch.load(weights_only=True)``
+and raises :class:`batchnorm.io.FormatError`, naming the file, for anything but
+a dict of tensors.
 """
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from batchnorm.io._atomic import atomic_write
-from batchnorm.io._structure import (
-    FormatError,
-    Network,
-    describe,
-    fill,
-    layer_prefix,
-    layers_of,
+from batchnorm.io._structure import Network, layers_of
+from batchnorm.io._torch_state import (
+    exported_stats,
+    load,
+    load_state_dict,
+    read_state_dict,
+    recorded,
+    records_structure,
+    save,
+    structure_of,
+    to_state_dict,
+    torch_module,
 )
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d, GlobalAvgPool, MaxPool2d
@@ -45,173 +49,16 @@ from batchnorm.nn.layers import Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Softm
 
 __all__ = [
     "from_module",
+    "load",
     "load_state_dict",
+    "read_state_dict",
+    "recorded",
+    "records_structure",
+    "save",
     "structure_of",
     "to_module",
     "to_state_dict",
 ]
-
-_TORCH_BN = {"weight": "gamma", "bias": "beta"}
-
-
-def _torch() -> Any:
-    import torch
-
-    return torch
-
-
-def _exported_stats(layer: BatchNorm) -> tuple[np.ndarray, float]:
-    """Running variance and ε as PyTorch must see them (ε inside the root)."""
-    var = layer.running_var.astype(np.float64)
-    if layer.eps_placement == "outside":
-        return var + 2 * layer.eps * np.sqrt(var), layer.eps**2
-    return var, layer.eps
-
-
-def to_state_dict(obj: Any) -> OrderedDict[str, Any]:
-    """A PyTorch ``state_dict`` (CPU tensors) of a BatchNorm or harness network.
-
-    Examples
-    --------
-    >>> import batchnorm as bn
-    >>> sd = to_state_dict(bn.BatchNorm(2))        # doctest: +SKIP
-    >>> sorted(sd)                                 # doctest: +SKIP
-    ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
-    """
-    torch = _torch()
-    state: OrderedDict[str, Any] = OrderedDict()
-    metadata: dict[str, Any] = {"": {"batchnorm": json.dumps(structure_of(obj))}}
-    for index, layer in enumerate(layers_of(obj)):
-        p = layer_prefix(obj, index)
-        if isinstance(layer, BatchNorm):
-            var, eps = _exported_stats(layer)
-            if layer.gamma is not None and layer.beta is not None:
-                state[p + "weight"] = torch.from_numpy(layer.gamma.copy())
-                state[p + "bias"] = torch.from_numpy(layer.beta.copy())
-            state[p + "running_mean"] = torch.from_numpy(layer.running_mean.copy())
-            state[p + "running_var"] = torch.from_numpy(var.astype(layer.dtype))
-            state[p + "num_batches_tracked"] = torch.tensor(
-                layer.num_batches_tracked, dtype=torch.int64
-            )
-            conventions = {
-                "momentum_ours": layer.momentum,
-                "momentum_torch": None
-                if layer.momentum is None
-                else 1 - layer.momentum,
-                "eps": layer.eps,
-                "eps_placement": layer.eps_placement,
-                "torch_eps": eps,
-                "running_var_kind": layer.running_var_kind,
-                "num_values_seen": int(layer.num_values_seen),
-            }
-            metadata[p.rstrip(".")] = {
-                "version": 2,
-                "batchnorm": json.dumps(conventions),
-            }
-        elif isinstance(layer, Conv2d | Linear):
-            state[p + "weight"] = torch.from_numpy(layer.weight.copy())
-            if layer.bias is not None:
-                state[p + "bias"] = torch.from_numpy(layer.bias.copy())
-    state._metadata = metadata  # type: ignore[attr-defined]
-    return state
-
-
-def save(obj: Any, path: Any) -> None:
-    """Write :func:`to_state_dict` of ``obj`` to ``path`` (``torch.save``, atomic)."""
-    torch = _torch()
-    state = to_state_dict(obj)
-    atomic_write(path, lambda file: torch.save(state, file))
-
-
-def structure_of(obj: Any) -> dict[str, Any]:
-    """The layer specs (as in the native format) recorded in a state dict."""
-    return {
-        "kind": "layer" if isinstance(obj, BatchNorm) else "network",
-        "layers": [describe(layer) for layer in layers_of(obj)],
-        "metadata": dict(getattr(obj, "metadata", {}) or {}),
-    }
-
-
-def _recorded(state: Any, key: str) -> Any:
-    entry = (getattr(state, "_metadata", None) or {}).get(key, {})
-    raw = entry.get("batchnorm") if isinstance(entry, Mapping) else None
-    try:
-        return json.loads(raw) if isinstance(raw, str) else None
-    except json.JSONDecodeError:
-        return None
-
-
-def load_state_dict(
-    obj: Any, state: Mapping[str, Any] | None = None, *, allow_nonfinite: bool = False
-) -> Any:
-    """Copy a PyTorch ``state_dict`` into ``obj``; all or nothing; returns ``obj``.
-
-    ``obj`` may be ``None`` when ``state`` was written by :func:`to_state_dict`:
-    the network recorded in it is rebuilt. Keys, shapes and finiteness are checked
-    (:class:`batchnorm.io.FormatError`).
-    """
-    if state is None or not isinstance(state, Mapping):
-        raise TypeError(
-            f"state must be a mapping (a state_dict); got {type(state).__name__}."
-        )
-    if obj is None:
-        recorded = _recorded(state, "")
-        if not isinstance(recorded, dict):
-            raise FormatError(
-                "this state_dict does not record its network structure (it was not "
-                "written by batchnorm); pass the network to load it into."
-            )
-        from batchnorm.io._structure import build
-
-        layers = [build(spec) for spec in recorded.get("layers", [])]
-        if recorded.get("kind") == "layer":
-            obj = layers[0]
-        else:
-            obj = Network(layers, recorded.get("metadata") or {})
-    arrays: dict[str, np.ndarray] = {}
-    counters: dict[str, dict[str, int]] = {}
-    layers = layers_of(obj)
-    bn_prefixes = {
-        layer_prefix(obj, i): layer
-        for i, layer in enumerate(layers)
-        if isinstance(layer, BatchNorm)
-    }
-    for key, value in state.items():
-        p, _, name = key.rpartition(".")
-        p = p + "." if p else ""
-        array = (
-            value.detach().cpu().numpy()
-            if hasattr(value, "detach")
-            else np.asarray(value)
-        )
-        if p in bn_prefixes and name == "num_batches_tracked":
-            counters.setdefault(p, {})["num_batches_tracked"] = int(array)
-            continue
-        if p in bn_prefixes:
-            name = _TORCH_BN.get(name, name)
-        arrays[p + name] = array
-    for p, layer in bn_prefixes.items():
-        conv = _recorded(state, p.rstrip(".")) or {}
-        counters.setdefault(p, {}).setdefault("num_batches_tracked", 0)
-        counters[p]["num_values_seen"] = int(conv.get("num_values_seen", 0) or 0)
-        var = arrays.get(p + "running_var")
-        if (
-            var is not None
-            and conv.get("eps_placement") == "outside"
-            and (layer.eps_placement == "outside")
-        ):
-            eps = float(conv["eps"])
-            root = -eps + np.sqrt(eps * eps + np.maximum(var.astype(np.float64), 0))
-            arrays[p + "running_var"] = (root * root).astype(var.dtype)
-    fill(
-        obj,
-        arrays,
-        counters,
-        source="state_dict",
-        allow_nonfinite=allow_nonfinite,
-        strict_dtype=False,
-    )
-    return obj
 
 
 def from_module(module: Any) -> Any:
@@ -222,7 +69,7 @@ def from_module(module: Any) -> Any:
     (no padding), ``AdaptiveAvgPool2d(1)`` (as GlobalAvgPool: its output is then
     already flat), ``Flatten``, ``Softmax(dim=1)`` inside an ``nn.Sequential``.
     """
-    torch = _torch()
+    torch = torch_module()
     nn = torch.nn
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return _bn_from(module)
@@ -311,7 +158,7 @@ def to_module(obj: Any, *, num_spatial_dims: int = 2) -> Any:
     A lone BatchNorm becomes ``BatchNorm2d`` (``num_spatial_dims=2``) or
     ``BatchNorm1d`` (0 or 1). In a network, the rank is followed through the layers.
     """
-    torch = _torch()
+    torch = torch_module()
     nn = torch.nn
     if isinstance(obj, BatchNorm):
         module = _bn_to(obj, nn, image=num_spatial_dims == 2)
@@ -375,7 +222,7 @@ def _bn_to(layer: BatchNorm, nn: Any, *, image: bool) -> Any:
     momentum = None if layer.momentum is None else 1.0 - layer.momentum
     return cls(
         layer.num_features,
-        eps=_exported_stats(layer)[1],
+        eps=exported_stats(layer)[1],
         momentum=momentum,
         affine=layer.affine,
     )
