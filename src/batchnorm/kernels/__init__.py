@@ -13,6 +13,8 @@ import importlib
 import os
 from types import ModuleType
 
+from batchnorm.kernels import _fork
+
 BACKENDS = ("numpy", "numba")
 _MODULES = {"numpy": "batchnorm.kernels.reference", "numba": "batchnorm.kernels.numba"}
 # Filled once per process: every functional call resolves its backend, and the
@@ -22,12 +24,22 @@ _MODULES = {"numpy": "batchnorm.kernels.reference", "numba": "batchnorm.kernels.
 _loaded: dict[str, ModuleType] = {}
 _fastest: list[str] = []  # the default without $BATCHNORM_BACKEND, once known
 
+# Before any kernel runs, so that every fork() of this process is covered.
+_fork.register()
+
 
 def _load(name: str) -> ModuleType:
-    """The kernel module of backend ``name``; raises ImportError."""
+    """The kernel module of backend ``name``; raises ImportError.
+
+    In a forked child that must not touch Numba (see :mod:`._fork`), ``"numba"``
+    not imported yet is the reference: the same values, without Numba.
+    """
     module = _loaded.get(name)
     if module is None:
-        module = _loaded[name] = importlib.import_module(_MODULES[name])
+        with _fork.import_lock:  # a fork() waits until the import is done
+            if name == "numba" and _fork.numba_unusable:
+                return _load("numpy")
+            module = _loaded[name] = importlib.import_module(_MODULES[name])
     return module
 
 

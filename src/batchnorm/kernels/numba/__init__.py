@@ -17,8 +17,9 @@ Threads (:mod:`batchnorm.kernels.numba._threads`, re-exported here):
 :func:`set_num_threads`, else ``$BATCHNORM_NUM_THREADS``, else Numba's
 ``NUMBA_NUM_THREADS`` (the number of cores). Tensors under ``PARALLEL_MIN_SIZE``
 values run on one thread, where a parallel launch costs more than it saves, and
-so does a ``fork()``-ed child of a process that already ran parallel loops (GNU
-OpenMP would abort it).
+so does a ``fork()``-ed child of a process whose GNU OpenMP threads had started
+(OpenMP would terminate it); a child forked while another thread compiled
+computes with the reference (:mod:`batchnorm.kernels._fork`).
 
 Compilation is lazy (on the first call per dtype and layout) and cached on disk
 with ``cache=True``. Numba picks the cache directory: ``$NUMBA_CACHE_DIR`` when set,
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from batchnorm import _memory
-from batchnorm.kernels import reference
+from batchnorm.kernels import _fork, reference
 from batchnorm.kernels.numba import _loops
 from batchnorm.kernels.numba._jit import CacheWarning, serial_and_parallel
 from batchnorm.kernels.numba._loops_channels_last import WIDE_ROW
@@ -76,8 +77,14 @@ def _pick(pair: _loops.KernelPair, num_chunks: int) -> Any:
 
 
 def _fast_view(x: np.ndarray, axis: int) -> np.ndarray | None:
-    """``x`` as (A, C, S) without a copy when the loops cover it, else None."""
+    """``x`` as (A, C, S) without a copy when the loops cover it, else None.
+
+    None for every ``x`` in a forked child that must not touch Numba (see
+    :mod:`batchnorm.kernels._fork`): every operation then runs the reference.
+    """
     if x.dtype not in _FAST_DTYPES or not x.flags.c_contiguous or x.size == 0:
+        return None
+    if _fork.numba_unusable:
         return None
     outer = math.prod(x.shape[:axis])
     return x.reshape(outer, x.shape[axis], x.size // (outer * x.shape[axis]))

@@ -4,7 +4,8 @@
 ``NUMBA_NUM_THREADS`` (the number of cores, fixed when numba is imported).
 :func:`_chunks` turns that into the number of ranges an operation is split into:
 1 (the serial loops) under ``PARALLEL_MIN_SIZE`` values, and in a ``fork()``-ed
-child of a process that already ran parallel loops (GNU OpenMP would abort it).
+child of a process whose GNU OpenMP threads had started (it would be terminated;
+see :mod:`batchnorm.kernels._fork`).
 :mod:`batchnorm.kernels.numba` re-exports the public names.
 """
 
@@ -15,13 +16,14 @@ import os
 import numba
 import numpy as np
 
+from batchnorm.kernels import _fork
+
 #: Below this many values an operation runs on one thread: one core streams them
 #: in about the time a parallel launch takes (and a launch on a busy machine can
 #: wait for a scheduler tick).
 PARALLEL_MIN_SIZE = 1 << 16
 
 _num_threads: int | None = None
-_parallel_pid: int | None = None  # the process whose parallel loops ran first
 
 
 def max_threads() -> int:
@@ -73,16 +75,6 @@ def get_num_threads() -> int:
 
 def _chunks(size: int) -> int:
     """Threads for an operation on ``size`` values (1: the serial loops)."""
-    global _parallel_pid
-    if size < PARALLEL_MIN_SIZE:
+    if size < PARALLEL_MIN_SIZE or _fork.parallel_unusable:
         return 1
-    num_threads = get_num_threads()
-    if num_threads > 1:
-        # GNU OpenMP aborts a fork()ed child that starts a parallel region once
-        # its parent has ("fork() called from a process already using GNU
-        # OpenMP"); such a child runs the serial loops instead.
-        if _parallel_pid is None:
-            _parallel_pid = os.getpid()
-        elif _parallel_pid != os.getpid():
-            return 1
-    return num_threads
+    return get_num_threads()
