@@ -103,7 +103,9 @@ def _jit(
         # No writable cache directory anywhere (numba tries $NUMBA_CACHE_DIR, the
         # package's __pycache__, then ~/.cache/numba): compile in every process.
         return numba.njit(fn, **options)
-    dispatcher._cache = _TolerantCache(dispatcher._cache)  # type: ignore[attr-defined]
+    cache = getattr(dispatcher, "_cache", None)  # None: NUMBA_DISABLE_JIT
+    if cache is not None:
+        dispatcher._cache = _TolerantCache(cache)  # type: ignore[attr-defined]
     return dispatcher
 
 
