@@ -29,8 +29,10 @@ def test_measure_rows_have_every_implementation_and_consistent_ratios():
             assert r["ratio_floor"] == pytest.approx(r["median_s"] / floor)
             assert r["ratio_torch"] == pytest.approx(r["median_s"] / torch)
     table = bench.format_table(rows)
-    assert table.count("\n") == 2 + len(bench.OPS) - 1
-    assert "no cache" in table.splitlines()[0]
+    lines = table.splitlines()
+    assert "no cache" in lines[0]
+    # one row per op (a busy machine adds a note column and a footnote, no rows)
+    assert sum(line.startswith("| 4×3×8×8 |") for line in lines) == len(bench.OPS)
 
 
 def test_cli_json(monkeypatch, capsys):
