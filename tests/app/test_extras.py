@@ -38,6 +38,13 @@ CASES = {
     "bench-numba": ("numba", ["bench"], ["numba", "[fast]"]),
     "bench-torch": ("torch", ["bench"], ["torch", "pip install"]),
     "train-mpi4py": ("mpi4py", ["train"], ["mpi4py", "[demo,distributed]"]),
+    "convert-onnx": (
+        "onnx",
+        ["convert", "m.npz", "m.onnx", "--input-shape", "4"],
+        ["onnx", "[interop]"],
+    ),
+    "convert-torch": ("torch", ["convert", "m.npz", "m.pt"], ["torch", "pip install"]),
+    "inspect-torch": ("torch", ["inspect", "m.pth", "--like", "m.npz"], ["torch"]),
 }
 
 

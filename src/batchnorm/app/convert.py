@@ -158,9 +158,31 @@ def one_line_warnings(command: str) -> Iterator[None]:
         warnings.formatwarning = original
 
 
+def missing_extra(command: str, *paths: Path | None) -> str | None:
+    """The one-line error when the formats of ``paths`` need a missing extra."""
+    from batchnorm.app.main import missing_modules
+
+    suffixes = {path.suffix.lower() for path in paths if path is not None}
+    if ".onnx" in suffixes:
+        missing = missing_modules(
+            command, {"onnx": "onnx"}, "pip install 'batchnorm[interop]'"
+        )
+        if missing:
+            return missing
+    if suffixes & {".pt", ".pth"}:
+        return missing_modules(
+            command, {"torch": "torch"}, "pip install 'torch==2.13.0'"
+        )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from batchnorm.io import FormatError
 
+    missing = missing_extra("convert", args.input, args.output)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     with one_line_warnings("convert"):
         try:
             obj = read_any(args.input, args)

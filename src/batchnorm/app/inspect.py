@@ -66,11 +66,15 @@ def health(layer: Any) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchnorm.app.convert import one_line_warnings, read_any
+    from batchnorm.app.convert import missing_extra, one_line_warnings, read_any
     from batchnorm.io import FormatError
     from batchnorm.layer import BatchNorm
     from batchnorm.nn import children
 
+    missing = missing_extra("inspect", args.file)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     with one_line_warnings("inspect"):
         try:
             obj = read_any(args.file, args, allow_nonfinite=True)

@@ -165,8 +165,13 @@ class MaxPool2d(Module):
     """
 
     def __init__(self, kernel_size: int, stride: int | None = None) -> None:
-        self.kernel_size = int(kernel_size)
-        self.stride = int(stride) if stride is not None else self.kernel_size
+        stride = kernel_size if stride is None else stride
+        if kernel_size < 1 or stride < 1:
+            raise ValueError(
+                f"MaxPool2d needs kernel_size >= 1 and stride >= 1; got {kernel_size} "
+                f"and {stride}. A window of 0 values has no maximum."
+            )
+        self.kernel_size, self.stride = int(kernel_size), int(stride)
         self._cache: tuple[np.ndarray, tuple[int, ...]] | None = None
 
     def _tiles(self, shape: tuple[int, ...]) -> bool:
