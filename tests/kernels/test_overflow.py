@@ -159,3 +159,26 @@ def test_eval_and_its_gradient_at_1e200_with_representable_running_stats(
     axes = _reduce(x, axis)
     np.testing.assert_allclose(dgamma, (dy * expected).sum(axis=axes), rtol=1e-10)
     np.testing.assert_allclose(dbeta, dy.sum(axis=axes), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
+def test_eval_gradient_sums_at_1e307_scaled_by_the_running_variance(
+    backend, shape, axis
+):
+    """``Σ dy·(x − mean)`` overflows at 1e307 while ``Σ dy·x̂`` does not: the Numba
+    backend gave dgamma = −inf where the reference is finite."""
+    rng = np.random.default_rng(5)
+    x = 1e307 * (1.0 + rng.random(shape))
+    channels = x.shape[axis]
+    running_mean, running_var = np.zeros(channels), np.full(channels, 1e300)
+    dy = rng.standard_normal(shape)
+    _, dgamma, dbeta = F.backward_eval(
+        dy, x, None, running_mean, running_var, axis=axis, backend=backend
+    )
+    axes = _reduce(x, axis)
+    x_hat = x * (1.0 / np.sqrt(running_var + 1e-6)).reshape(
+        [-1 if a == axis % x.ndim else 1 for a in range(x.ndim)]
+    )
+    np.testing.assert_allclose(dgamma, (dy * x_hat).sum(axis=axes), rtol=1e-10)
+    np.testing.assert_allclose(dbeta, dy.sum(axis=axes), rtol=1e-10, atol=1e-10)

@@ -374,8 +374,15 @@ def forward_train(
 def _grad_sums(
     dy3: np.ndarray, x3: np.ndarray, mean: Any, inv_std: Any, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(Σ dy·x̂, Σ dy)`` of the views: ``inv_std·Σ dy·(x − mean)`` in one pass."""
+    """``(Σ dy·x̂, Σ dy)`` of the views: ``inv_std·Σ dy·(x − mean)`` in one pass.
+
+    ``Σ dy·(x − mean)`` overflows where the reference's ``Σ dy·x̂`` need not (x
+    about 1e307 with a running variance that scales it down): a result that is
+    not finite is the reference's instead.
+    """
     dbeta, sum_dy_xmu = _run(_loops.GRAD_SUMS, n, x3, dy3, None, _vec(mean))
+    if not _loops.all_finite(sum_dy_xmu, dbeta):
+        return reference.grad_sums(dy3, x3, 1, mean, inv_std)
     return sum_dy_xmu * _vec(inv_std), dbeta
 
 
