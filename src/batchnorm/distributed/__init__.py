@@ -5,6 +5,7 @@
 Needs ``pip install 'batchnorm[distributed]'`` (mpi4py) at call time only.
 """
 
-from batchnorm.distributed.sync import SyncBatchNorm, SyncError
+from batchnorm.distributed._collective import SyncError
+from batchnorm.distributed.sync import SyncBatchNorm
 
 __all__ = ["SyncBatchNorm", "SyncError"]

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm.distributed.sync import SyncBatchNorm, SyncError
+from batchnorm.distributed._collective import SyncError, wait
+from batchnorm.distributed.sync import SyncBatchNorm
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.data import Split, minibatches
 from batchnorm.nn.loss import SoftmaxCrossEntropy
@@ -92,25 +93,14 @@ def _check_timeout(timeout: Any) -> float:
 
 
 def _wait(request: Any, comm: Any, timeout: float, where: str) -> None:
-    """Complete the nonblocking collective ``request`` within ``timeout`` seconds.
-
-    Polls rather than blocks: a blocking collective waits forever for a rank
-    that failed, stalled or died outside it. Raises SyncError at the deadline.
-    """
-    deadline = time.monotonic() + timeout
-    spins = 0
-    while not request.Test():
-        spins += 1
-        if spins > 1000:  # the first polls are cheap; then check the clock, doze
-            if time.monotonic() > deadline:
-                raise SyncError(
-                    f"{where} on rank {comm.Get_rank()} waited {timeout:g} s for "
-                    f"the other {comm.Get_size() - 1} rank(s), which never joined: "
-                    "a rank died, stalled, or failed outside a collective (see its "
-                    "error). The communicator is unusable; end the job "
-                    "(comm.Abort())."
-                )
-            time.sleep(1e-4)
+    """:func:`~batchnorm.distributed._collective.wait` for the trainer's calls."""
+    wait(
+        request,
+        comm,
+        timeout,
+        where,
+        "a rank died, stalled, or failed outside a collective (see its error)",
+    )
 
 
 def _sum_gradients(model: Any, comm: Any, timeout: float) -> int:

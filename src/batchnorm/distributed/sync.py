@@ -24,7 +24,6 @@ does: the data-parallel trainer sums parameter gradients across ranks once.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -32,16 +31,13 @@ import numpy as np
 from batchnorm import functional as F
 from batchnorm import kernels
 from batchnorm._validation import check_dy, check_input
+from batchnorm.distributed._collective import SyncError, wait
 from batchnorm.layer import BatchNorm
 from batchnorm.moments import Moments
 
 _BACKWARD = -1.0
 _ABORT = -2.0
 _INVALID = -3.0
-
-
-class SyncError(RuntimeError):
-    """Ranks disagree (layer size, pass) or one never joined the collective."""
 
 
 def _world() -> Any:
@@ -137,20 +133,13 @@ class SyncBatchNorm(BatchNorm):
         size = self.comm.Get_size()
         received = np.empty((size, payload.size), dtype=np.float64)
         request = self.comm.Iallgather(payload, received)
-        deadline = time.monotonic() + self.timeout
-        spins = 0
-        while not request.Test():
-            spins += 1
-            if spins > 1000:
-                if time.monotonic() > deadline:
-                    raise SyncError(
-                        f"SyncBatchNorm.{where} on rank {self.comm.Get_rank()} waited "
-                        f"{self.timeout:g} s for the other {size - 1} rank(s), which "
-                        "never joined: a rank died or took a different code path "
-                        "(e.g. skipped this layer). The communicator is unusable; "
-                        "end the job (comm.Abort())."
-                    )
-                time.sleep(1e-4)
+        wait(
+            request,
+            self.comm,
+            self.timeout,
+            f"SyncBatchNorm.{where}",
+            "a rank died or took a different code path (e.g. skipped this layer)",
+        )
         self.bytes_sent += payload.nbytes
         self.collectives += 1
         return received
