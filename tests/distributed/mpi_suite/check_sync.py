@@ -131,6 +131,24 @@ def test_too_few_values_overall_is_an_error_on_every_rank():
         sync(x)
 
 
+def test_an_empty_global_batch_passes_and_changes_nothing():
+    """Every shard empty: an empty output on every rank, zero gradients, the
+    running statistics and counters untouched (as for one process)."""
+    sync = SyncBatchNorm(2, timeout=30, backend="numpy")
+    before = sync.state_dict()
+    x = np.ones((0, 2))
+    y = sync(x)
+    dx = sync.backward(np.ones((0, 2)))
+    assert y.shape == dx.shape == (0, 2)
+    np.testing.assert_array_equal(sync.grad_gamma, np.zeros(2))
+    np.testing.assert_array_equal(sync.grad_beta, np.zeros(2))
+    after = sync.state_dict()
+    assert after["num_batches_tracked"] == before["num_batches_tracked"] == 0
+    assert after["num_values_seen"] == before["num_values_seen"] == 0
+    np.testing.assert_array_equal(after["running_mean"], before["running_mean"])
+    np.testing.assert_array_equal(after["running_var"], before["running_var"])
+
+
 def test_mismatched_num_features_is_an_error_on_every_rank():
     c = 3 if RANK == 0 else 4
     sync = SyncBatchNorm(c, timeout=30, backend="numpy")
