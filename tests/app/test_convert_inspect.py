@@ -238,6 +238,20 @@ def test_missing_output_folder_is_named(mlp_file, capsys):
     assert ".tmp" not in err and "Errno" not in err
 
 
+@pytest.mark.parametrize("command", ["convert", "inspect"])
+def test_missing_input_file_is_named_with_the_fix(tmp_path, capsys, command):
+    missing = tmp_path / "missing.npz"
+    argv = [command, str(missing)] + (
+        [str(tmp_path / "out.npz")] * (command == "convert")
+    )
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"batchnorm {command}: error: {missing}: no such file. Check the path "
+        f"(relative to {os.getcwd()})."
+    )
+
+
 def test_messages_name_the_flags(mlp_file, capsys):
     pytest.importorskip("onnx")
     assert convert(mlp_file, mlp_file.parent / "m.onnx") == 2

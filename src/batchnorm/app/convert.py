@@ -158,6 +158,17 @@ def one_line_warnings(command: str) -> Iterator[None]:
         warnings.formatwarning = original
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for a failed command: a missing file by its name and the fix."""
+    if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+        return (
+            f"{exc.filename}: no such file. Check the path (relative to {Path.cwd()})."
+        )
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}."
+    return str(exc)
+
+
 def missing_extra(command: str, *paths: Path | None) -> str | None:
     """The one-line error when the formats of ``paths`` need a missing extra."""
     from batchnorm.app.main import missing_modules
@@ -188,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             obj = read_any(args.input, args)
             write_any(obj, args.output, args)
         except (FormatError, ValueError, TypeError, OSError, ImportError) as exc:
-            print(f"batchnorm convert: error: {exc}", file=sys.stderr)
+            print(f"batchnorm convert: error: {describe_error(exc)}", file=sys.stderr)
             return 2
     also = f" and {args.write_cfg}" if args.write_cfg is not None else ""
     print(f"wrote {args.output}{also}")

@@ -66,7 +66,12 @@ def health(layer: Any) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchnorm.app.convert import missing_extra, one_line_warnings, read_any
+    from batchnorm.app.convert import (
+        describe_error,
+        missing_extra,
+        one_line_warnings,
+        read_any,
+    )
     from batchnorm.io import FormatError
     from batchnorm.layer import BatchNorm
     from batchnorm.nn import children
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             obj = read_any(args.file, args, allow_nonfinite=True)
         except (FormatError, ValueError, TypeError, OSError, ImportError) as exc:
-            print(f"batchnorm inspect: error: {exc}", file=sys.stderr)
+            print(f"batchnorm inspect: error: {describe_error(exc)}", file=sys.stderr)
             return 2
     layers = children(obj)
     found = 0
