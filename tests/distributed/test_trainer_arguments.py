@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -52,3 +54,28 @@ def test_timeout_must_be_positive_seconds(timeout, error, message):
     for check in (dp.parameters_agree, dp.running_statistics_agree):
         with pytest.raises(error, match=re.escape(message)):
             check(model, NoComm(), timeout=timeout)
+
+
+def test_train_batch_larger_than_the_training_set_is_one_line(tmp_path):
+    """Before: a traceback on every rank from inside the training loop."""
+    pytest.importorskip("mpi4py")
+    pytest.importorskip("sklearn")
+    code = (
+        "import sys\n"
+        "from batchnorm.app.main import main\n"
+        "sys.exit(main(['train', '--batch-size', '100000', '--steps', '1']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(
+        r"batchnorm train: --batch-size must be at most the \d+ training images; "
+        r"got 100000\.\n",
+        result.stderr,
+    )

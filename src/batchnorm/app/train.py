@@ -118,6 +118,14 @@ def _train(
     from batchnorm.nn import SGD, accuracy, cnn, load_digits, mlp
 
     data = load_digits(seed=args.seed, dtype=np.float32)
+    if args.batch_size > len(data.x_train):
+        if rank == 0:  # every rank finds the same; one line is enough
+            print(
+                f"batchnorm train: --batch-size must be at most the "
+                f"{len(data.x_train)} training images; got {args.batch_size}.",
+                file=sys.stderr,
+            )
+        return 2
     if args.model == "cnn":
         data = data.reshape(1, 8, 8)
     build: Any = {"mlp": mlp, "cnn": cnn}[args.model]
