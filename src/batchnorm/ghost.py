@@ -81,13 +81,7 @@ def train_pass(
     slices = group_slices(n, options.virtual_batch_size, per_sample)
     y = np.empty(x.shape, x.dtype) if out is None else out
     caches: list[Cache | RenormCache] = []
-    common: dict[str, Any] = {
-        "axis": options.axis,
-        "eps": options.eps,
-        "eps_placement": options.eps_placement,
-        "ddof": options.ddof,
-        "backend": options.backend,
-    }
+    common = options.train_arguments()
     for part in slices:
         cache: Cache | RenormCache
         if options.renorm:

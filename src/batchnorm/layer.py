@@ -235,12 +235,8 @@ class BatchNorm:
             x,
             self.gamma,
             self.beta,
-            axis=self.options.axis,
-            eps=self.options.eps,
-            eps_placement=self.options.eps_placement,
-            ddof=self.options.ddof,
-            backend=self.options.backend,
             out=self._buffer("y", x),
+            **self.options.train_arguments(),
         )
         if self.update_running_stats:
             self.absorb_moments(cache.moments)
@@ -258,11 +254,8 @@ class BatchNorm:
             self.beta,
             self.running_mean,
             self.running_var,
-            axis=self.options.axis,
-            eps=self.options.eps,
-            eps_placement=self.options.eps_placement,
-            backend=self.options.backend,
             out=self._buffer("y", x),
+            **self.options.eval_arguments(),
         )
         self._remember(eval_input=np.asarray(x))
         return y
@@ -328,11 +321,8 @@ class BatchNorm:
                 self.gamma,
                 self.running_mean,
                 self.running_var,
-                axis=self.options.axis,
-                eps=self.options.eps,
-                eps_placement=self.options.eps_placement,
-                backend=self.options.backend,
                 out=self._buffer("dx", self._eval_input, np.asarray(dy)),
+                **self.options.eval_arguments(),
             )
         else:
             raise RuntimeError(

@@ -148,6 +148,20 @@ class LayerOptions:
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
+    def eval_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of the functional eval calls (``forward_eval``, ...)."""
+        return {
+            "axis": self.axis,
+            "eps": self.eps,
+            "eps_placement": self.eps_placement,
+            "backend": self.backend,
+        }
+
+    def train_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of the functional training calls (``forward_train``,
+        ``forward_renorm``, ``forward_from_moments``)."""
+        return {**self.eval_arguments(), "ddof": self.ddof}
+
     def config(self) -> dict[str, Any]:
         """The constructor arguments, as plain values (``dtype`` by name)."""
         config = {field.name: getattr(self, field.name) for field in fields(self)}

@@ -56,3 +56,27 @@ def test_rmax_and_dmax_stay_plain_attributes_for_a_trainer():
 def test_dtype_is_normalized_once():
     assert LayerOptions(2, dtype="float64").dtype == np.dtype(np.float64)
     assert LayerOptions(2, dtype="float64").config()["dtype"] == "float64"
+
+
+def test_call_arguments_are_keywords_of_the_functional_calls():
+    import inspect
+
+    from batchnorm import renorm
+
+    options = LayerOptions(3, axis=-1, eps=1e-3, ddof=1, backend="numpy")
+    train, evaluate = options.train_arguments(), options.eval_arguments()
+    assert train == {**evaluate, "ddof": 1}
+    assert evaluate == {
+        "axis": -1,
+        "eps": 1e-3,
+        "eps_placement": "inside",
+        "backend": "numpy",
+    }
+    for call, arguments in [
+        (bn.functional.forward_train, train),
+        (bn.functional.forward_from_moments, train),
+        (renorm.forward_renorm, train),
+        (bn.functional.forward_eval, evaluate),
+        (bn.functional.backward_eval, evaluate),
+    ]:
+        assert set(arguments) <= set(inspect.signature(call).parameters)

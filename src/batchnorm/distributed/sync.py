@@ -233,12 +233,8 @@ class SyncBatchNorm(BatchNorm):
             total,
             self.gamma,
             self.beta,
-            axis=self.options.axis,
-            eps=self.options.eps,
-            eps_placement=self.options.eps_placement,
-            ddof=self.options.ddof,
-            backend=self.options.backend,
             out=self._buffer("y", x),
+            **self.options.train_arguments(),
         )
         self._eval_input = None
         return y
