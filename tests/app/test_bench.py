@@ -68,14 +68,16 @@ def test_threads_beyond_the_cores_are_a_one_line_error(
     monkeypatch.setattr(bench, "measure", _no_measuring)
     assert cli.main(["bench", "--threads", threads]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"batchnorm bench: {expected}") and err.count("\n") == 1, err
+    assert err.startswith(f"batchnorm bench: error: {expected}"), err
+    assert err.count("\n") == 1, err
 
 
 def test_zero_repeats_is_a_one_line_error(monkeypatch, capsys):
     monkeypatch.setattr(bench, "measure", _no_measuring)
     assert cli.main(["bench", "--repeats", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("batchnorm bench: --repeats must be") and err.count("\n") == 1
+    assert err.startswith("batchnorm bench: error: --repeats must be")
+    assert err.count("\n") == 1
 
 
 def _no_measuring(*args, **kwargs):

@@ -114,7 +114,8 @@ def test_demo_rejects_bad_arguments_before_training(
     out = tmp_path / "out"
     assert cli.main(["demo", "--quick", "--out", str(out), *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"batchnorm demo: {flag} ") and err.count("\n") == 1, err
+    assert err.startswith(f"batchnorm demo: error: {flag} "), err
+    assert err.count("\n") == 1, err
     assert "; got " in err
     assert not out.exists()
 
@@ -126,7 +127,7 @@ def test_demo_rejects_an_out_that_is_a_file(tmp_path, monkeypatch, capsys):
     for out in (existing, existing / "sub"):
         assert cli.main(["demo", "--quick", "--out", str(out)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("batchnorm demo: --out ") and err.count("\n") == 1
+        assert err.startswith("batchnorm demo: error: --out ") and err.count("\n") == 1
         assert str(existing) in err
     assert existing.read_text() == "keep me"
 

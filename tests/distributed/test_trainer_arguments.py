@@ -75,7 +75,7 @@ def test_train_batch_larger_than_the_training_set_is_one_line(tmp_path):
     )
     assert result.returncode == 2, result.stderr
     assert re.fullmatch(
-        r"batchnorm train: --batch-size must be at most the \d+ training images; "
-        r"got 100000\.\n",
+        r"batchnorm train: error: --batch-size must be at most the \d+ training "
+        r"images; got 100000\.\n",
         result.stderr,
     )

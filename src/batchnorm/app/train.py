@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     error = _check(args)
     if error is not None:
-        print(f"batchnorm train: {error}", file=sys.stderr)
+        print(f"batchnorm train: error: {error}", file=sys.stderr)
         return 2
 
     needs = {
@@ -121,7 +121,7 @@ def _train(
     if args.batch_size > len(data.x_train):
         if rank == 0:  # every rank finds the same; one line is enough
             print(
-                f"batchnorm train: --batch-size must be at most the "
+                f"batchnorm train: error: --batch-size must be at most the "
                 f"{len(data.x_train)} training images; got {args.batch_size}.",
                 file=sys.stderr,
             )

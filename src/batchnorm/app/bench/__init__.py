@@ -462,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
     from batchnorm.app.main import missing_modules
 
     def fail(message: str) -> int:
-        print(f"batchnorm bench: {message}", file=sys.stderr)
+        print(f"batchnorm bench: error: {message}", file=sys.stderr)
         return 2
 
     for flag, value, least in (

@@ -362,7 +362,7 @@ def _execute(
 def run(args: argparse.Namespace) -> int:
     error = _check(args)
     if error is not None:
-        print(f"batchnorm demo: {error}", file=sys.stderr)
+        print(f"batchnorm demo: error: {error}", file=sys.stderr)
         return 2
     missing = _missing_extra(args)
     if missing is not None:
@@ -373,8 +373,9 @@ def run(args: argparse.Namespace) -> int:
     data = load_digits(seed=0)
     if args.batch_size > len(data.x_train):
         print(
-            f"batchnorm demo: --batch-size must be at most the {len(data.x_train)} "
-            f"training digits; got {args.batch_size}. Pass a smaller --batch-size.",
+            "batchnorm demo: error: --batch-size must be at most the "
+            f"{len(data.x_train)} training digits; got {args.batch_size}. Pass a "
+            "smaller --batch-size.",
             file=sys.stderr,
         )
         return 2
