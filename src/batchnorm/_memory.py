@@ -46,7 +46,14 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-__all__ = ["DEFAULT_MAX_BYTES", "MIN_BYTES", "empty", "idle_bytes", "release_buffers"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "MIN_BYTES",
+    "OutputBuffers",
+    "empty",
+    "idle_bytes",
+    "release_buffers",
+]
 
 #: Smaller arrays come from ``np.empty``: malloc reuses them without page faults.
 MIN_BYTES = 1 << 20
