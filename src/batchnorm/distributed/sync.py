@@ -189,15 +189,10 @@ class SyncBatchNorm(BatchNorm):
             )
 
     # -- forward / backward ----------------------------------------------------------
-    def forward(self, x: Any) -> np.ndarray:
-        """Normalize with the global batch's statistics (training) or running ones."""
-        self._claim("forward")
-        try:
-            return self._forward(x)
-        finally:
-            self._in_use.release()
-
+    # BatchNorm.forward and .backward hold the layer for the calling thread and
+    # call these.
     def _forward(self, x: Any) -> np.ndarray:
+        """Normalize with the global batch's statistics (training) or running ones."""
         communicating = self.use_batch_stats or self.update_running_stats
         try:
             x, _ = check_input(x, self.axis)
@@ -239,15 +234,8 @@ class SyncBatchNorm(BatchNorm):
         self._eval_input = None
         return y
 
-    def backward(self, dy: Any) -> np.ndarray:
-        """Exact gradient of the synchronized forward; one all-gather of sums."""
-        self._claim("backward")
-        try:
-            return self._backward(dy)
-        finally:
-            self._in_use.release()
-
     def _backward(self, dy: Any) -> np.ndarray:
+        """Exact gradient of the synchronized forward; one all-gather of sums."""
         c = self.num_features
         cache = self._cache
         if cache is None:
