@@ -37,20 +37,38 @@ import numpy as np
 
 from batchnorm.io import _darknet_cfg as cfg
 from batchnorm.io._atomic import atomic_write, atomic_write_all, read_together
-from batchnorm.io._shapes import check_input_shape
-from batchnorm.io._structure import (
-    FormatError,
+from batchnorm.io._darknet_layers import Layer, Shape, Unit
+from batchnorm.io._darknet_net import (
+    DIALECTS,
+    Header,
     Network,
-    build,
-    declared_arrays,
-    layers_of,
+    read,
+    read_cfg,
+    write,
 )
+from batchnorm.io._shapes import check_input_shape
+from batchnorm.io._structure import FormatError, build, declared_arrays, layers_of
+from batchnorm.io._structure import Network as HarnessNetwork
 from batchnorm.layer import BatchNorm
 from batchnorm.nn.conv import Conv2d
 from batchnorm.nn.layers import Linear
 from batchnorm.presets import PRESETS
 
-__all__ = ["DEFAULT_HEADER", "load", "save", "weights_layout"]
+__all__ = [
+    "DEFAULT_HEADER",
+    "DIALECTS",
+    "Header",
+    "Layer",
+    "Network",
+    "Shape",
+    "Unit",
+    "load",
+    "read",
+    "read_cfg",
+    "save",
+    "weights_layout",
+    "write",
+]
 
 #: What darknet itself writes: version 0.2.0, seen 0.
 DEFAULT_HEADER = {"major": 0, "minor": 2, "revision": 0, "seen": 0}
@@ -254,7 +272,7 @@ def load(
     weights_path: str | os.PathLike[str] | None = None,
     *,
     allow_nonfinite: bool = False,
-) -> Network:
+) -> HarnessNetwork:
     """A harness network from a darknet ``.cfg`` and (optionally) its ``.weights``.
 
     BatchNorm layers use the ``"darknet"`` preset, so ``network.eval()`` computes
@@ -308,7 +326,7 @@ def load(
                 f"({count * 4 / 2**30:.3g} GiB), which cannot be allocated: "
                 f"{exc.__cause__ or exc}"
             ) from None
-    network = Network(layers, {"input_shape": list(input_shape)})
+    network = HarnessNetwork(layers, {"input_shape": list(input_shape)})
     if data is not None:
         header = _fill(network, data, weights_path, allow_nonfinite=allow_nonfinite)
     net_options = [[k, v] for k, v in sections[0].options.items()]
