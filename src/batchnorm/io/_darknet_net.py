@@ -50,6 +50,7 @@ __all__ = [
     "Network",
     "read",
     "read_cfg",
+    "synthetic",
     "write",
 ]
 
@@ -378,3 +379,49 @@ def write(
     atomic_write_all(
         [(weights_path, weights), (cfg_path, lambda file: file.write(encoded))]
     )
+
+
+def synthetic(
+    cfg_path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    dialect: str = "pjreddie",
+    header: Header = DEFAULT_HEADER,
+) -> Network:
+    """A network for ``cfg_path`` with random, plausible arrays: for trying tools
+    on a real network's shape without its trained file.
+
+    Weights are He-normal as darknet initializes them (``√(2 / fan-in)``), biases
+    N(0, 0.1²), scales N(1, 0.1²), rolling means N(0, 0.5²) and rolling
+    variances ``exp(N(0, 0.5²))`` (positive). Deterministic for a ``seed``.
+
+    >>> import tempfile, pathlib
+    >>> cfg = pathlib.Path(tempfile.mkdtemp()) / "t.cfg"
+    >>> _ = cfg.write_text("[net]\\nheight=8\\nwidth=8\\nchannels=3\\n"
+    ...                    "[convolutional]\\nfilters=4\\nsize=3\\nbatch_normalize=1\\n")
+    >>> net = synthetic(cfg)
+    >>> {name: a.shape for name, a in net[0].arrays.items()}["weights"]
+    (4, 3, 3, 3)
+    """
+    network = read_cfg(cfg_path, dialect=dialect)
+    network.header = header
+    if header.transpose:  # connected weights are stored (inputs, outputs)
+        network = _parse(network.cfg_text, network.source, header, dialect)
+    rng = np.random.default_rng(seed)
+    for layer in network.layers:
+        for unit in layer.units:
+            for role, name in unit.names.items():
+                shape = layer.shapes[name]
+                if role == "weights":
+                    scale = math.sqrt(2.0 / max(unit.inputs, 1))
+                    value = rng.normal(0.0, scale, shape)
+                elif role == "scales":
+                    value = rng.normal(1.0, 0.1, shape)
+                elif role == "rolling_mean":
+                    value = rng.normal(0.0, 0.5, shape)
+                elif role == "rolling_variance":
+                    value = np.exp(rng.normal(0.0, 0.5, shape))
+                else:
+                    value = rng.normal(0.0, 0.1, shape)
+                layer.arrays[name] = value.astype("<f4")
+    return network

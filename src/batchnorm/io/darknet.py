@@ -44,6 +44,7 @@ from batchnorm.io._darknet_net import (
     Network,
     read,
     read_cfg,
+    synthetic,
     write,
 )
 from batchnorm.io._shapes import check_input_shape
@@ -66,6 +67,7 @@ __all__ = [
     "read",
     "read_cfg",
     "save",
+    "synthetic",
     "weights_layout",
     "write",
 ]
