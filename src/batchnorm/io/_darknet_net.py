@@ -398,7 +398,7 @@ def synthetic(
     >>> import tempfile, pathlib
     >>> cfg = pathlib.Path(tempfile.mkdtemp()) / "t.cfg"
     >>> _ = cfg.write_text("[net]\\nheight=8\\nwidth=8\\nchannels=3\\n"
-    ...                    "[convolutional]\\nfilters=4\\nsize=3\\nbatch_normalize=1\\n")
+    ...                    "[convolutional]\\nfilters=4\\nsize=3\\n")
     >>> net = synthetic(cfg)
     >>> {name: a.shape for name, a in net[0].arrays.items()}["weights"]
     (4, 3, 3, 3)
