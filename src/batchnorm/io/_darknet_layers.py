@@ -307,9 +307,11 @@ def _conv_unit(
     load_scales: bool = True,
 ) -> Unit:
     per = _cdiv(c, groups) * size * size
-    weights: tuple[int, ...] = (
-        (per, n) if flipped else (n, _cdiv(c, groups), size, size)
-    )
+    weights: tuple[int, ...] = (n, _cdiv(c, groups), size, size)
+    if flipped:  # stored as the transpose of a (c·size², n) matrix
+        weights = (per, n)
+    elif kind == "deconvolutional":  # the gemm reads a (c, n·size²) matrix
+        weights = (c, n, size, size)
     arrays: list[tuple[str, tuple[int, ...]]] = [(f"{prefix}biases", (n,))]
     if bn and load_scales:
         arrays += [(f"{prefix}{k}", (n,)) for k in _BN]

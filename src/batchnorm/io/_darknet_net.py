@@ -48,6 +48,7 @@ __all__ = [
     "DIALECTS",
     "Header",
     "Network",
+    "parse",
     "read",
     "read_cfg",
     "synthetic",
@@ -156,7 +157,9 @@ def _check_dialect(dialect: str) -> str:
     return dialect
 
 
-def _parse(text: str, source: str, header: Header | None, dialect: str) -> Network:
+def parse(text: str, source: str, header: Header | None, dialect: str) -> Network:
+    """The network a cfg ``text`` describes (no arrays); ``header`` decides
+    whether connected weights are stored transposed."""
     parsed = sections(text, source)
     transpose = header.transpose if header else False
     first, found = layers(parsed, source, transpose, dialect)
@@ -171,7 +174,7 @@ def read_cfg(cfg_path: str | os.PathLike[str], *, dialect: str = "pjreddie") -> 
     """
     _check_dialect(dialect)
     data = _read_bytes(cfg_path)
-    return _parse(decode(data, str(cfg_path)), str(cfg_path), None, dialect)
+    return parse(decode(data, str(cfg_path)), str(cfg_path), None, dialect)
 
 
 def _read_bytes(path: Any) -> bytes:
@@ -406,7 +409,7 @@ def synthetic(
     network = read_cfg(cfg_path, dialect=dialect)
     network.header = header
     if header.transpose:  # connected weights are stored (inputs, outputs)
-        network = _parse(network.cfg_text, network.source, header, dialect)
+        network = parse(network.cfg_text, network.source, header, dialect)
     rng = np.random.default_rng(seed)
     for layer in network.layers:
         for unit in layer.units:

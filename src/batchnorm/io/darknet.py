@@ -37,6 +37,7 @@ import numpy as np
 
 from batchnorm.io import _darknet_cfg as cfg
 from batchnorm.io._atomic import atomic_write, atomic_write_all, read_together
+from batchnorm.io._darknet_fold import fold, fold_error_bound, normalization_scale
 from batchnorm.io._darknet_layers import Layer, Shape, Unit
 from batchnorm.io._darknet_net import (
     DIALECTS,
@@ -63,7 +64,10 @@ __all__ = [
     "Network",
     "Shape",
     "Unit",
+    "fold",
+    "fold_error_bound",
     "load",
+    "normalization_scale",
     "read",
     "read_cfg",
     "save",
