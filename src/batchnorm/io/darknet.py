@@ -1,5 +1,21 @@
 """darknet interop: ``.cfg`` networks and byte-compatible ``.weights`` files.
 
+Two ways in:
+
+- **any darknet network** — :func:`read` (``cfg`` + ``.weights``),
+  :func:`read_cfg` (structure only), :func:`write` (byte-identical),
+  :func:`fold` (batch normalization into the weights, with darknet's own
+  formula), :func:`synthetic` (random arrays for a cfg). Every section type
+  pjreddie's ``parser.c`` parses, shapes as darknet computes them; the arrays
+  stay darknet's (``biases``, ``scales``, ``rolling_mean``, ...), and each
+  normalization is available as our :class:`batchnorm.BatchNorm`
+  (:meth:`Layer.batch_norms`). See ``docs/INTEROP.md``, "Real darknet networks".
+- **the harness** — :func:`load` / :func:`save`: the subset of darknet our
+  :mod:`batchnorm.nn` layers run (convolutional, connected, batchnorm, maxpool
+  without padding, avgpool, softmax), as a trainable network.
+
+The harness layout below is the same file format.
+
 Layout of a ``.weights`` file (little-endian, float32 everywhere after the header),
 as darknet's ``load_weights_upto`` / ``save_weights_upto`` read and write it:
 
