@@ -94,6 +94,11 @@ def test_convert_errors_exit_2(files, capsys):
 def test_inspect_healthy_and_broken(files, capsys):
     cfg = str(files / "m.cfg")
     assert main(["inspect", str(files / "m.weights"), "--cfg", cfg]) == 0
+    out = capsys.readouterr().out  # a darknet pair: the darknet reader's table
+    assert "1 batch-normalized units (2 channels)" in out and "healthy" in out
+    net = darknet.load(files / "m.cfg", files / "m.weights")
+    bio.save(net, files / "m.npz")
+    assert main(["inspect", str(files / "m.npz")]) == 0
     out = capsys.readouterr().out
     assert "[1] BatchNorm C=2" in out and "eps=1e-06 (outside the root)" in out
     assert "momentum=0.99 (on the old value; torch's 0.01)" in out and "healthy" in out
