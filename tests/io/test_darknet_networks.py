@@ -1214,3 +1214,37 @@ def test_synthetic_with_old_and_transposing_headers(tmp_path):
     assert flipped[1].arrays["weights"].shape == (6, 2, 3, 3)
     for layer, (*_, arrays) in zip(flipped, all_expected(True), strict=True):
         assert list(layer.arrays) == list(arrays)
+
+
+def test_deconvolution_weights_are_c_by_n_as_its_gemm_reads_them(tmp_path):
+    # forward_deconvolutional_layer: gemm_cpu(1, 0, m, n, k, 1, a, m, ...) with
+    # m = size²·n, k = c: the weights are a c × (n·size²) matrix.
+    cfg = write_cfg(
+        tmp_path,
+        IMAGE + "[deconvolutional]\nfilters=5\nsize=2\nstride=2\nactivation=linear\n",
+    )
+    layer = darknet.read_cfg(cfg)[0]
+    assert layer.shapes == {"biases": (5,), "weights": (3, 5, 2, 2)}
+    assert layer.output == (8, 8, 5, 8 * 8 * 5)  # (4 − 1)·2 + 2 − 0
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_dontloadscales_does_not_reach_recurrent_sub_layers(tmp_path, kind):
+    # parse_network_cfg sets dontloadscales on the layer only; its sub-layers
+    # come from make_connected_layer ({0}) and load_connected_weights tests the
+    # sub-layer's own flag, so each still reads its three normalization arrays.
+    section = f"[{kind}]\noutput=3\nbatch_normalize=1\ndontloadscales=1\n"
+    cfg = write_cfg(tmp_path, FLAT + section)
+    units = {"rnn": 3, "gru": 6, "lstm": 8}[kind]
+    layer = darknet.read_cfg(cfg)[0]
+    assert len(layer.units) == units
+    assert all(unit.batch_normalize for unit in layer.units)
+    # per unit: biases 3, weights 3·in (in = 4 inputs or 3 outputs), 3 BN arrays
+    in_sizes = {
+        "rnn": [4, 3, 3],
+        "gru": [3, 3, 3, 4, 4, 4],
+        "lstm": [3, 3, 3, 3, 4, 4, 4, 4],
+    }[kind]
+    assert sum(count(s) for s in layer.shapes.values()) == sum(
+        3 + 3 * n + 9 for n in in_sizes
+    )

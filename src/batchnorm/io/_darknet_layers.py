@@ -407,6 +407,8 @@ def _layer(
     units: list[Unit] = []
     sources: tuple[int, ...] = ()
     bn = opts.integer("batch_normalize", 0) != 0
+    # dontloadscales is set on the layer itself; a recurrent layer's sub-layers
+    # are made afresh (all zero) and load their scales regardless.
     load_scales = not opts.integer("dontloadscales", 0)
     if kind in ("convolutional", "deconvolutional"):
         _need_image(opts, shape)
@@ -480,7 +482,7 @@ def _layer(
             ("output_layer.", outputs),
         ):
             units.append(
-                _connected_unit(prefix, n_in, outputs, bn, transpose, load_scales)
+                _connected_unit(prefix, n_in, outputs, bn, transpose, True)
             )
         out = Shape(0, 0, 0, outputs)
     elif kind in ("gru", "lstm"):
@@ -493,7 +495,7 @@ def _layer(
         for name in order:  # w*: state -> state, u*: input -> state
             n_in = outputs if name[0] == "w" else inputs
             units.append(
-                _connected_unit(f"{name}.", n_in, outputs, bn, transpose, load_scales)
+                _connected_unit(f"{name}.", n_in, outputs, bn, transpose, True)
             )
         out = Shape(0, 0, 0, outputs)
     elif kind == "crnn":
@@ -514,7 +516,7 @@ def _layer(
                     3,
                     1,
                     bn,
-                    load_scales=load_scales,
+                    load_scales=True,
                 )
             )
         # parse_crnn passes (w, h) to make_crnn_layer(batch, h, w, ...): the
