@@ -1,0 +1,126 @@
+"""``BatchNorm1d/2d/3d``: ``torch.nn.BatchNorm*d`` with our kernels.
+
+Subclasses of torch's own classes: the same constructor, parameters, buffers,
+state dicts, ``train()``/``eval()`` behaviour and ``isinstance`` checks; only
+``forward`` differs. On the CPU it calls ``torch.ops.batchnorm.*``
+(:mod:`batchnorm.torch._ops`); on other devices it is torch's forward.
+
+Where we differ from torch, deliberately:
+
+- the batch statistics are exact: ``(count, mean, M2)`` in float64 per channel
+  (two passes), where torch's CPU kernel accumulates ``Σx`` and ``Σx²``-style
+  sums in the input's precision; with float32 data of mean 1e6 torch's batch
+  variance is off by orders of magnitude, ours by float64 rounding;
+- the running statistics are updated from those float64 values and rounded once
+  to the buffers' dtype (torch updates in the buffers' precision);
+- float16 and bfloat16 inputs are normalized with float64 statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from batchnorm.torch import _ops  # noqa: F401  (registers torch.ops.batchnorm)
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "forward"]
+
+
+def _verify_batch_size(x: Tensor) -> None:
+    """torch's check: training needs more than one value per channel."""
+    size = x.shape[0]
+    for n in x.shape[2:]:
+        size *= n
+    if size == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{x.size()}"
+        )
+
+
+def forward(module: Any, x: Tensor) -> Tensor:
+    """torch's ``_BatchNorm.forward`` with our operators (CPU), for ``module``."""
+    module._check_input_dim(x)
+    if x.device.type != "cpu":
+        return torch.nn.modules.batchnorm._BatchNorm.forward(module, x)
+    factor = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats:
+        if module.num_batches_tracked is not None:
+            module.num_batches_tracked.add_(1)
+            if module.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(module.num_batches_tracked)
+    use_batch = module.training or (
+        module.running_mean is None and module.running_var is None
+    )
+    if not use_batch:
+        return torch.ops.batchnorm.forward_eval(
+            x,
+            module.weight,
+            module.bias,
+            module.running_mean,
+            module.running_var,
+            module.eps,
+        )
+    if module.training:
+        _verify_batch_size(x)
+    if module.eps <= 0:
+        raise ValueError(
+            f"batch_norm eps must be positive during training, but got {module.eps}"
+        )
+    y, mean, m2, _ = torch.ops.batchnorm.forward_train(
+        x, module.weight, module.bias, module.eps
+    )
+    update = module.training and module.track_running_stats
+    if update and module.running_mean is not None and x.numel() > 0:
+        _update_running(module.running_mean, module.running_var, mean, m2, x, factor)
+    return y
+
+
+def _update_running(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    m2: Tensor,
+    x: Tensor,
+    factor: float,
+) -> None:
+    """torch's update (``factor`` on the new value, unbiased variance), computed
+    in float64 and rounded once to the buffers' dtype."""
+    count = x.numel() // x.shape[1]
+    with torch.no_grad():
+        unbiased = m2 / (count - 1)
+        new_mean = running_mean.double() * (1.0 - factor) + mean * factor
+        new_var = running_var.double() * (1.0 - factor) + unbiased * factor
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+
+
+class BatchNorm1d(torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` computed by our kernels (see the module docs).
+
+    >>> import torch
+    >>> from batchnorm.torch import BatchNorm1d
+    >>> layer = BatchNorm1d(3)
+    >>> y = layer(torch.randn(8, 3))
+    >>> tuple(y.shape), sorted(layer.state_dict())
+    ((8, 3), ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight'])
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return forward(self, input)
+
+
+class BatchNorm2d(torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` computed by our kernels (see the module docs)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return forward(self, input)
+
+
+class BatchNorm3d(torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` computed by our kernels (see the module docs)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return forward(self, input)
