@@ -19,6 +19,7 @@ and shortcuts are renumbered.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from batchnorm.io._darknet_layers import DIALECTS, Layer, Unit
 from batchnorm.io._darknet_net import Network, parse
 
-__all__ = ["fold", "fold_error_bound", "normalization_scale"]
+__all__ = ["Folding", "fold", "fold_error_bound", "folding", "normalization_scale"]
 
 _FOLDABLE = ("convolutional", "deconvolutional", "connected")
 
@@ -49,14 +50,17 @@ def normalization_scale(
         return np.asarray(scales, np.float64) / denominator
 
 
-def _channel_axis(unit: Unit, shape: tuple[int, ...]) -> int:
-    """The axis of a unit's weights that indexes its output channels."""
-    if unit.kind == "deconvolutional":
-        return 1
-    if len(shape) == 2 and unit.kind == "connected":
-        # (outputs, inputs), or (inputs, outputs) when the header transposes
-        return 0 if shape == (unit.channels, unit.inputs) else 1
-    if len(shape) == 2:  # flipped convolution: (c·size², n)
+def _channel_axis(unit: Unit, ndim: int, transpose: bool) -> int:
+    """The axis of a unit's weights that indexes its output channels.
+
+    Connected weights are (outputs, inputs), or (inputs, outputs) when the
+    header transposes (the shape alone cannot tell a square unit's, such as an
+    rnn's ``self_layer.`` or a gru's ``w*.``); deconvolution weights are
+    (c, n, size, size); a flipped convolution's (c·size², n).
+    """
+    if unit.kind == "connected":
+        return 1 if transpose else 0
+    if unit.kind == "deconvolutional" or ndim == 2:
         return 1
     return 0
 
@@ -64,31 +68,115 @@ def _channel_axis(unit: Unit, shape: tuple[int, ...]) -> int:
 class _Folded:
     """A unit's weights and biases in float64 while normalizations fold into it."""
 
-    def __init__(self, layer: Layer, unit: Unit) -> None:
+    def __init__(self, layer: Layer, unit: Unit, transpose: bool) -> None:
         names = unit.names
         self.unit = unit
         self.weights = np.asarray(layer.arrays[names["weights"]], np.float64)
-        self.axis = _channel_axis(unit, self.weights.shape)
+        self.axis = _channel_axis(unit, self.weights.ndim, transpose)
         self.biases = np.asarray(layer.arrays[names["biases"]], np.float64)
 
     def absorb(
         self, scales: Any, mean: Any, variance: Any, shift: Any, dialect: str
-    ) -> None:
-        """Fold ``a (· − mean) + shift`` applied to this unit's output."""
+    ) -> np.ndarray:
+        """Fold ``a (· − mean) + shift`` applied to this unit's output; return
+        the channels where ``a`` or the new bias is not finite (nothing is
+        folded then)."""
         a = normalization_scale(scales, variance, dialect)
+        biases = a * (self.biases - np.asarray(mean, np.float64))
+        biases += np.asarray(shift, np.float64)
+        bad = np.flatnonzero(~np.isfinite(a) | ~np.isfinite(biases))
+        if bad.size:
+            return bad
         shape = [1] * self.weights.ndim
         shape[self.axis] = -1
         self.weights = self.weights * a.reshape(shape)
-        self.biases = a * (self.biases - np.asarray(mean, np.float64))
-        self.biases += np.asarray(shift, np.float64)
+        self.biases = biases
+        return bad
 
 
 def _activation(layer: Layer) -> str:
     return layer.option("activation") or "logistic"
 
 
-def _referenced(network: Network) -> set[int]:
-    return {j for layer in network.layers for j in layer.sources}
+def _readers(network: Network) -> dict[int, int]:
+    """Layer index → the first route or shortcut that reads its output."""
+    found: dict[int, int] = {}
+    for layer in network.layers:
+        for j in layer.sources:
+            found.setdefault(j, layer.index)
+    return found
+
+
+def _keep_reason(network: Network, layer: Layer, readers: dict[int, int]) -> str | None:
+    """Why the standalone ``[batchnorm]`` ``layer`` cannot be folded into the
+    layer before it (None: it can)."""
+    if not layer.units:
+        return "it loads no statistics (dontload=1)"
+    if layer.index == 0:
+        return "it is the first layer: no unit before it to fold into"
+    previous = network.layers[layer.index - 1]
+    name = f"layer {previous.index} [{previous.section}]"
+    if previous.type not in _FOLDABLE:
+        return (
+            f"it follows {name}, not a convolutional, deconvolutional or "
+            "connected layer"
+        )
+    if len(previous.units) != 1:
+        return f"{name} loads no weights (dontload=1)"
+    if _activation(previous) != "linear":
+        return f"{name} has activation={_activation(previous)}, not linear"
+    if previous.index in readers:
+        reader = network.layers[readers[previous.index]]
+        return (
+            f"layer {reader.index} [{reader.section}] also reads the output of "
+            f"{name} before the normalization"
+        )
+    if previous.option("numload") not in (None, "0"):
+        return f"{name} loads only numload={previous.option('numload')} filters"
+    if previous.units[0].channels != layer.units[0].channels:
+        return (
+            f"it normalizes {layer.units[0].channels} channels and {name} outputs "
+            f"{previous.units[0].channels}"
+        )
+    return None
+
+
+_NOT_FINITE = (
+    "its normalization is not finite: a negative or non-finite rolling_variance, "
+    "or a non-finite scale, rolling_mean or bias"
+)
+
+
+def _not_finite(layer: Layer, prefix: str, channels: Any, what: str) -> ValueError:
+    return ValueError(
+        f"cannot fold layer {layer.index} [{layer.section}] (line {layer.line})"
+        f"{' unit ' + prefix if prefix else ''}: {what} (channels "
+        f"{np.asarray(channels)[:8].tolist()}). Check it with `batchnorm inspect`."
+    )
+
+
+@dataclass(frozen=True)
+class Folding:
+    """A folded network and what :func:`folding` did to get it.
+
+    Layer indices are the original network's.
+    """
+
+    #: The folded copy (what :func:`fold` returns).
+    network: Network
+    #: ``(layer index, unit prefix)`` of each unit whose own batch
+    #: normalization was folded.
+    units: tuple[tuple[int, str], ...]
+    #: ``(index of a standalone [batchnorm], index of the layer it was folded
+    #: into)``; the ``[batchnorm]`` sections are gone from the folded network.
+    merged: tuple[tuple[int, int], ...]
+    #: ``(index of a standalone [batchnorm], why it stays)``.
+    kept: tuple[tuple[int, str], ...]
+    #: The largest ``|fl(w') − w'| / |w'|`` over the folded weights: the relative
+    #: rounding to float32 of ``w' = a · W`` computed in float64 (at most 2⁻²⁴
+    #: unless a weight became subnormal, 1 where one flushed to zero); 0 when
+    #: no weight was folded.
+    rounding: float
 
 
 def fold(network: Network, *, dialect: str | None = None) -> Network:
@@ -103,7 +191,8 @@ def fold(network: Network, *, dialect: str | None = None) -> Network:
     standalone ``[batchnorm]`` directly after such a unit with a ``linear``
     activation is folded into it as well, unless a route or shortcut reads that
     unit's output; its section is removed and later routes and shortcuts are
-    renumbered. ``network`` is not changed.
+    renumbered. ``network`` is not changed. :func:`folding` also tells what was
+    folded and what was kept, and why.
 
     The folded network computes what darknet computes with the original one at
     test time, up to float32 rounding: :func:`fold_error_bound`.
@@ -111,9 +200,21 @@ def fold(network: Network, *, dialect: str | None = None) -> Network:
     Raises
     ------
     ValueError
-        The network has no arrays (read it with its ``.weights``), or a
-        normalization's ``a`` is not finite (negative or NaN variance).
+        The network has no arrays (read it with its ``.weights``); a
+        normalization's ``a`` or folded bias is not finite (a negative or NaN
+        variance, a non-finite scale, mean or bias), naming the layer that
+        holds it; or a folded weight or bias is not finite in float32.
     """
+    return _fold(network, dialect, measure=False).network
+
+
+def folding(network: Network, *, dialect: str | None = None) -> Folding:
+    """:func:`fold`, with an account of what it folded and kept (:class:`Folding`),
+    and of how the folded weights rounded (a few more passes over them)."""
+    return _fold(network, dialect, measure=True)
+
+
+def _fold(network: Network, dialect: str | None, *, measure: bool) -> Folding:
     dialect = dialect or network.dialect
     if dialect not in DIALECTS:
         raise ValueError(
@@ -124,7 +225,9 @@ def fold(network: Network, *, dialect: str | None = None) -> Network:
             "the network has no arrays: read it with darknet.read(cfg, weights) "
             "before folding."
         )
+    transpose = network.header.transpose if network.header else False
     folded: dict[tuple[int, str], _Folded] = {}
+    own: list[tuple[int, str]] = []
     bn_off: list[Layer] = []
     for layer in network.layers:
         if layer.type == "batchnorm":
@@ -135,72 +238,86 @@ def fold(network: Network, *, dialect: str | None = None) -> Network:
             if not unit.batch_normalize:
                 continue
             names = unit.names
-            state = _Folded(layer, unit)
+            state = _Folded(layer, unit, transpose)
             state.biases = np.zeros_like(state.biases)  # the biases are β
-            state.absorb(
+            bad = state.absorb(
                 layer.arrays[names["scales"]],
                 layer.arrays[names["rolling_mean"]],
                 layer.arrays[names["rolling_variance"]],
                 layer.arrays[names["biases"]],
                 dialect,
             )
+            if bad.size:
+                raise _not_finite(layer, unit.prefix, bad, _NOT_FINITE)
             folded[layer.index, unit.prefix] = state
-    referenced = _referenced(network)
+            own.append((layer.index, unit.prefix))
+    readers = _readers(network)
     removed: list[int] = []
+    kept: list[tuple[int, str]] = []
     for layer in network.layers:
-        if layer.type != "batchnorm" or not layer.units or layer.index == 0:
+        if layer.type != "batchnorm":
+            continue
+        reason = _keep_reason(network, layer, readers)
+        if reason is not None:
+            kept.append((layer.index, reason))
             continue
         previous = network.layers[layer.index - 1]
-        if (
-            previous.type not in _FOLDABLE
-            or len(previous.units) != 1
-            or previous.index in referenced
-            or _activation(previous) != "linear"
-            or previous.option("numload") not in (None, "0")
-            or previous.units[0].channels != layer.units[0].channels
-        ):
-            continue
         key = (previous.index, "")
         if key not in folded:
-            folded[key] = _Folded(previous, previous.units[0])
+            folded[key] = _Folded(previous, previous.units[0], transpose)
         names = layer.units[0].names
         shift = layer.arrays.get(names.get("biases", ""), 0.0)
-        folded[key].absorb(
+        bad = folded[key].absorb(
             layer.arrays[names["scales"]],
             layer.arrays[names["rolling_mean"]],
             layer.arrays[names["rolling_variance"]],
             shift,
             dialect,
         )
+        if bad.size:
+            raise _not_finite(layer, "", bad, _NOT_FINITE)
         removed.append(layer.index)
-    for (index, prefix), state in folded.items():
-        bad = ~np.isfinite(state.biases)
-        if bad.any() or not np.isfinite(state.weights).all():
-            layer = network.layers[index]
-            channels = np.flatnonzero(bad)[:8].tolist()
-            raise ValueError(
-                f"cannot fold layer {index} [{layer.section}] (line {layer.line})"
-                f"{' unit ' + prefix if prefix else ''}: the folded weights are not "
-                f"finite (channels {channels or 'in the weights'}): a negative or "
-                "non-finite rolling_variance or scale. Check it with `batchnorm "
-                "inspect`."
-            )
     text = _edited_cfg(network, bn_off, removed)
     result = parse(text, network.source, network.header, network.dialect)
-    old_of_new = [i for i in range(len(network.layers)) if i not in set(removed)]
+    gone = set(removed)
+    old_of_new = [i for i in range(len(network.layers)) if i not in gone]
+    rounding = 0.0
     for new_layer, old_index in zip(result.layers, old_of_new, strict=True):
         old = network.layers[old_index]
         for unit in new_layer.units:
             done = folded.get((old_index, unit.prefix))
             for role, name in unit.names.items():
-                if done is not None and role == "weights":
-                    value = done.weights
-                elif done is not None and role == "biases":
-                    value = done.biases
-                else:
-                    value = old.arrays[name]
-                new_layer.arrays[name] = np.array(value, dtype="<f4")
-    return result
+                if done is None or role not in ("weights", "biases"):
+                    new_layer.arrays[name] = np.array(old.arrays[name], dtype="<f4")
+                    continue
+                exact = done.weights if role == "weights" else done.biases
+                with np.errstate(over="ignore"):
+                    value = np.array(exact, dtype="<f4")
+                if not np.isfinite(value).all():
+                    axis = done.axis if role == "weights" else 0
+                    channels = np.unique(np.nonzero(~np.isfinite(value))[axis])
+                    raise _not_finite(
+                        old,
+                        unit.prefix,
+                        channels,
+                        f"the folded {role} are not finite in float32 (an "
+                        "overflow, or a non-finite weight)",
+                    )
+                if measure and role == "weights":
+                    rounding = max(rounding, _relative_rounding(value, exact))
+                new_layer.arrays[name] = value
+    merged = tuple((index, index - 1) for index in removed)
+    return Folding(result, tuple(own), merged, tuple(kept), rounding)
+
+
+def _relative_rounding(rounded: np.ndarray, exact: np.ndarray) -> float:
+    """The largest ``|rounded − exact| / |exact|`` over the nonzero ``exact``
+    (a zero rounds exactly)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = rounded / exact  # 0/0 = NaN where exact is 0, skipped below
+    ratio -= 1
+    np.abs(ratio, out=ratio)
+    return float(np.nanmax(ratio)) if np.isfinite(ratio).any() else 0.0
 
 
 def _edited_cfg(network: Network, bn_off: list[Layer], removed: list[int]) -> str:
@@ -231,21 +348,33 @@ def _edited_cfg(network: Network, bn_off: list[Layer], removed: list[int]) -> st
         for k, value, number in layer.options:
             if k != key:
                 continue
-            parts = []
-            for part, target in zip(value.split(","), layer.sources, strict=True):
-                relative = part.strip().startswith("-")
-                if relative:
-                    parts.append(str(new_index[target] - new_index[layer.index]))
+            # A route reads every comma-separated index; a shortcut only the
+            # first (atoi), so anything after it stays as written.
+            old_parts = value.split(",")
+            parts = list(old_parts)
+            for i, target in enumerate(layer.sources):
+                if old_parts[i].strip().startswith("-"):  # relative
+                    parts[i] = str(new_index[target] - new_index[layer.index])
                 else:
-                    parts.append(str(new_index[target]))
-            if parts != value.split(","):
+                    parts[i] = str(new_index[target])
+            if parts != old_parts:
                 put(number, key, ",".join(parts))
             break
     starts = [layer.line for layer in network.layers] + [len(lines) + 1]
     for index in sorted(removed, reverse=True):
         begin, end = starts[index] - 1, starts[index + 1] - 1
+        # comments and blank lines belong to the section they precede
+        while end - 1 > begin and _blank(lines[end - 1]):
+            end -= 1
+        while begin > starts[index - 1] and _blank(lines[begin - 1]):
+            begin -= 1
         del lines[begin:end]
     return "".join(lines)
+
+
+def _blank(line: str) -> bool:
+    """A cfg line darknet skips: empty, or a ``#`` or ``;`` comment."""
+    return "".join(line.split())[:1] in ("", "#", ";")
 
 
 def fold_error_bound(
@@ -267,13 +396,14 @@ def fold_error_bound(
     ``u = 2⁻²⁴`` and ``γ_k = k u / (1 − k u)``:
 
     - darknet's unfolded unit: its float32 dot product errs by at most
-      ``γ_n Σ|W_j x_j|``, which the normalization multiplies by ``|a|``; the
-      normalization runs in double and rounds to float, then the scale and the
-      bias are applied in float: three roundings, ``γ_3`` of the output's size;
+      ``γ_n Σ|W_j x_j|``, which the normalization multiplies by ``|a|``; then
+      ``normalize_cpu`` subtracts the mean in float (``x[i] - mean[f]``, both
+      floats), divides in double and rounds to float, and the scale and the
+      bias are applied in float: four roundings, ``γ_4`` of the output's size;
     - the folded unit: ``W'`` and ``b'`` rounded once each and an ``n + 1``-term
       float32 sum: ``γ_{n+2}`` of ``|a| Σ|W_j x_j| + |b'|``.
 
-    With ``|b'| ≤ |β| + |a| |μ|``: ``|Δy| ≤ (γ_n + γ_{n+2} + γ_3) · (|a| (Σ|W_j
+    With ``|b'| ≤ |β| + |a| |μ|``: ``|Δy| ≤ (γ_n + γ_{n+2} + γ_4) · (|a| (Σ|W_j
     x_j| + |μ|) + |β|)``, ``a = scales / d``, to first order in ``u``.
     """
     u = 2.0**-24
@@ -285,4 +415,4 @@ def fold_error_bound(
     mean = np.abs(np.asarray(rolling_mean, np.float64))
     beta = np.abs(np.asarray(biases, np.float64))
     total = a * (np.asarray(magnitude, np.float64) + mean) + beta
-    return (gamma(fan_in) + gamma(fan_in + 2) + gamma(3)) * total
+    return (gamma(fan_in) + gamma(fan_in + 2) + gamma(4)) * total
