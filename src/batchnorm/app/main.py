@@ -1,4 +1,5 @@
-"""Command line: ``batchnorm demo | bench | example | convert | inspect | train``.
+"""Command line: ``batchnorm demo | bench | example | convert | inspect | fold |
+train``.
 
 The console script's entry point. A command's module is imported only when that
 command is named, so ``batchnorm --help`` imports no command and
@@ -31,6 +32,10 @@ COMMANDS = {
     "inspect": (
         "batchnorm.app.inspect",
         "print each BatchNorm's statistics and a health check",
+    ),
+    "fold": (
+        "batchnorm.app.fold",
+        "fold a darknet network's batch normalization into its weights",
     ),
     "train": ("batchnorm.app.train", "data-parallel training over MPI (mpiexec)"),
 }
