@@ -889,3 +889,31 @@ def test_rounding_reports_subnormal_folded_weights(tmp_path):
     assert 0 < folding(net).rounding <= U
     net[0].arrays["scales"][0] = 1e-40  # a·W subnormal in float32
     assert folding(net).rounding > U
+
+
+def test_numload_layer_with_batch_normalization_is_refused(tmp_path):
+    # numload=N loads N of the filters; the others keep darknet's initial values
+    # (scales 1, rolling statistics 0), so setting batch_normalize=0 for the whole
+    # layer would change what darknet computes for them.
+    cfg = write_cfg(
+        tmp_path,
+        "[net]\nheight=4\nwidth=4\nchannels=2\n[convolutional]\nfilters=3\n"
+        "size=1\nbatch_normalize=1\nnumload=2\nactivation=linear\n",
+    )
+    net = darknet.synthetic(cfg, seed=0)
+    with pytest.raises(ValueError, match=r"layer 0 .*numload=2"):
+        darknet.fold(net)
+
+
+def test_fold_retires_the_tie_to_the_original_weights(tmp_path):
+    # darknet.save's cfgs begin with a comment naming the .weights written with
+    # them; the folded cfg belongs to other weights.
+    text = (
+        "# batchnorm: written with a.weights, sha256 0123456789abcdef\n[net]\n"
+        "inputs=3\n[connected]\noutput=2\nbatch_normalize=1\nactivation=linear\n"
+    )
+    net = darknet.synthetic(write_cfg(tmp_path, text), seed=0)
+    folded = darknet.fold(net)
+    first = folded.cfg_text.splitlines()[0]
+    assert first.startswith("#") and "a.weights" not in first
+    assert len(folded.cfg_text.splitlines()) == len(text.splitlines())

@@ -171,7 +171,7 @@ def _error(message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from batchnorm.app.convert import describe_error, one_line_warnings
     from batchnorm.io import FormatError, darknet
-    from batchnorm.io._darknet_fold import folding
+    from batchnorm.io.darknet import folding
 
     try:
         _check_arguments(args)

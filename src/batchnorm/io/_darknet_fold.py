@@ -226,17 +226,33 @@ def _fold(network: Network, dialect: str | None, *, measure: bool) -> Folding:
             "before folding."
         )
     transpose = network.header.transpose if network.header else False
-    folded: dict[tuple[int, str], _Folded] = {}
+    readers = _readers(network)
+    # every standalone [batchnorm]: None when it folds into the layer before it
+    reasons = {
+        layer.index: _keep_reason(network, layer, readers)
+        for layer in network.layers
+        if layer.type == "batchnorm"
+    }
+    final: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     own: list[tuple[int, str]] = []
     bn_off: list[Layer] = []
+    removed: list[int] = []
+    rounding = 0.0
     for layer in network.layers:
         if layer.type == "batchnorm":
             continue
-        if any(u.batch_normalize for u in layer.units):
-            bn_off.append(layer)
+        states: dict[str, _Folded] = {}
+        numload = layer.option("numload") not in (None, "0")
         for unit in layer.units:
             if not unit.batch_normalize:
                 continue
+            if numload:
+                raise ValueError(
+                    f"cannot fold layer {layer.index} [{layer.section}] (line "
+                    f"{layer.line}): numload={layer.option('numload')} loads only "
+                    "some of its filters, and the others keep darknet's initial "
+                    "values, which folding would change. Remove numload first."
+                )
             names = unit.names
             state = _Folded(layer, unit, transpose)
             state.biases = np.zeros_like(state.biases)  # the biases are β
@@ -249,65 +265,62 @@ def _fold(network: Network, dialect: str | None, *, measure: bool) -> Folding:
             )
             if bad.size:
                 raise _not_finite(layer, unit.prefix, bad, _NOT_FINITE)
-            folded[layer.index, unit.prefix] = state
+            states[unit.prefix] = state
             own.append((layer.index, unit.prefix))
-    readers = _readers(network)
-    removed: list[int] = []
-    kept: list[tuple[int, str]] = []
-    for layer in network.layers:
-        if layer.type != "batchnorm":
-            continue
-        reason = _keep_reason(network, layer, readers)
-        if reason is not None:
-            kept.append((layer.index, reason))
-            continue
-        previous = network.layers[layer.index - 1]
-        key = (previous.index, "")
-        if key not in folded:
-            folded[key] = _Folded(previous, previous.units[0], transpose)
-        names = layer.units[0].names
-        shift = layer.arrays.get(names.get("biases", ""), 0.0)
-        bad = folded[key].absorb(
-            layer.arrays[names["scales"]],
-            layer.arrays[names["rolling_mean"]],
-            layer.arrays[names["rolling_variance"]],
-            shift,
-            dialect,
-        )
-        if bad.size:
-            raise _not_finite(layer, "", bad, _NOT_FINITE)
-        removed.append(layer.index)
-    text = _edited_cfg(network, bn_off, removed)
-    result = parse(text, network.source, network.header, network.dialect)
-    gone = set(removed)
-    old_of_new = [i for i in range(len(network.layers)) if i not in gone]
-    rounding = 0.0
-    for new_layer, old_index in zip(result.layers, old_of_new, strict=True):
-        old = network.layers[old_index]
-        for unit in new_layer.units:
-            done = folded.get((old_index, unit.prefix))
-            for role, name in unit.names.items():
-                if done is None or role not in ("weights", "biases"):
-                    new_layer.arrays[name] = np.array(old.arrays[name], dtype="<f4")
-                    continue
-                exact = done.weights if role == "weights" else done.biases
+        if states:
+            bn_off.append(layer)
+        after = layer.index + 1
+        if reasons.get(after, "") is None:  # a standalone [batchnorm] folds in
+            norm = network.layers[after]
+            if "" not in states:
+                states[""] = _Folded(layer, layer.units[0], transpose)
+            names = norm.units[0].names
+            bad = states[""].absorb(
+                norm.arrays[names["scales"]],
+                norm.arrays[names["rolling_mean"]],
+                norm.arrays[names["rolling_variance"]],
+                norm.arrays.get(names.get("biases", ""), 0.0),
+                dialect,
+            )
+            if bad.size:
+                raise _not_finite(norm, "", bad, _NOT_FINITE)
+            removed.append(after)
+        # round each unit once, now: one layer in float64 at a time
+        for prefix, state in states.items():
+            arrays = {}
+            for role, exact in (("weights", state.weights), ("biases", state.biases)):
                 with np.errstate(over="ignore"):
                     value = np.array(exact, dtype="<f4")
                 if not np.isfinite(value).all():
-                    axis = done.axis if role == "weights" else 0
+                    axis = state.axis if role == "weights" else 0
                     channels = np.unique(np.nonzero(~np.isfinite(value))[axis])
                     raise _not_finite(
-                        old,
-                        unit.prefix,
+                        layer,
+                        prefix,
                         channels,
                         f"the folded {role} are not finite in float32 (an "
                         "overflow, or a non-finite weight)",
                     )
                 if measure and role == "weights":
                     rounding = max(rounding, _relative_rounding(value, exact))
-                new_layer.arrays[name] = value
+                arrays[role] = value
+            final[layer.index, prefix] = arrays
+    kept = tuple((i, r) for i, r in reasons.items() if r is not None)
+    text = _edited_cfg(network, bn_off, removed)
+    result = parse(text, network.source, network.header, network.dialect)
+    gone = set(removed)
+    old_of_new = [i for i in range(len(network.layers)) if i not in gone]
+    for new_layer, old_index in zip(result.layers, old_of_new, strict=True):
+        old = network.layers[old_index]
+        for unit in new_layer.units:
+            done = final.get((old_index, unit.prefix), {})
+            for role, name in unit.names.items():
+                if role in done:
+                    new_layer.arrays[name] = done[role]
+                else:
+                    new_layer.arrays[name] = np.array(old.arrays[name], dtype="<f4")
     merged = tuple((index, index - 1) for index in removed)
-    return Folding(result, tuple(own), merged, tuple(kept), rounding)
+    return Folding(result, tuple(own), merged, kept, rounding)
 
 
 def _relative_rounding(rounded: np.ndarray, exact: np.ndarray) -> float:
@@ -324,6 +337,10 @@ def _edited_cfg(network: Network, bn_off: list[Layer], removed: list[int]) -> st
     """The cfg text with ``batch_normalize=0`` set, folded ``[batchnorm]``
     sections removed, and route/shortcut indices renumbered."""
     lines = network.cfg_text.splitlines(keepends=True)
+    # darknet.save's first line ties a cfg to the .weights written with it;
+    # the folded pair is another one
+    if lines and lines[0].startswith("# batchnorm: written with "):
+        lines[0] = "# batchnorm: folded (batch_normalize=0; see darknet.fold)\n"
 
     def put(number: int, key: str, value: str) -> None:
         end = lines[number - 1][len(lines[number - 1].rstrip("\r\n")) :]

@@ -53,7 +53,13 @@ import numpy as np
 
 from batchnorm.io import _darknet_cfg as cfg
 from batchnorm.io._atomic import atomic_write, atomic_write_all, read_together
-from batchnorm.io._darknet_fold import fold, fold_error_bound, normalization_scale
+from batchnorm.io._darknet_fold import (
+    Folding,
+    fold,
+    fold_error_bound,
+    folding,
+    normalization_scale,
+)
 from batchnorm.io._darknet_layers import Layer, Shape, Unit
 from batchnorm.io._darknet_net import (
     DIALECTS,
@@ -75,6 +81,7 @@ from batchnorm.presets import PRESETS
 __all__ = [
     "DEFAULT_HEADER",
     "DIALECTS",
+    "Folding",
     "Header",
     "Layer",
     "Network",
@@ -82,6 +89,7 @@ __all__ = [
     "Unit",
     "fold",
     "fold_error_bound",
+    "folding",
     "load",
     "normalization_scale",
     "read",
