@@ -34,3 +34,30 @@ def test_interop_examples_run(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="darknet will use its statistics"):
         exec(compile(code, "README:interop", "exec"), {})
     assert (tmp_path / "model.onnx").exists() and (tmp_path / "model.pt").exists()
+
+
+def test_darknet_examples_run(tmp_path, monkeypatch, capsys):
+    """The darknet section's Python and ``batchnorm`` lines, on a cfg with
+    yolov3-tiny's layer sequence (the README downloads pjreddie's file)."""
+    from batchnorm.app.main import main
+    from helpers.darknet_nets import yolov3_tiny
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "yolov3-tiny.cfg").write_text(yolov3_tiny())
+    heading = "## Real darknet networks"
+    exec(compile(python_blocks(heading), "README:darknet", "exec"), {})
+    assert (tmp_path / "yolov3-tiny.weights").stat().st_size == 35_434_956
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index(heading) : text.index("\n## ", text.index(heading) + 1)]
+    commands = [
+        line.split("#")[0].split()
+        for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+        for line in block.splitlines()
+        if line.startswith("batchnorm ")
+    ]
+    assert [c[1] for c in commands] == ["inspect", "fold"]
+    assert main(commands[0][1:]) == 1  # "exit 1: a problem"
+    assert "layer 13 [convolutional]" in capsys.readouterr().out
+    assert main(commands[1][1:]) == 0
+    assert "folded the batch normalization of 11 unit(s)" in capsys.readouterr().out
+    assert (tmp_path / "bn.png").exists() and (tmp_path / "folded.weights").exists()
