@@ -12,11 +12,13 @@ Needs torch (``pip install 'batchnorm[torch]'``).
 
 from batchnorm.torch.convert import convert, revert
 from batchnorm.torch.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.torch.sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "convert",
     "revert",
 ]
