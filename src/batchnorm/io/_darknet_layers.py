@@ -481,9 +481,7 @@ def _layer(
             ("self_layer.", outputs),
             ("output_layer.", outputs),
         ):
-            units.append(
-                _connected_unit(prefix, n_in, outputs, bn, transpose, True)
-            )
+            units.append(_connected_unit(prefix, n_in, outputs, bn, transpose, True))
         out = Shape(0, 0, 0, outputs)
     elif kind in ("gru", "lstm"):
         outputs = _positive(opts, "output", opts.integer("output", 1))
