@@ -2,11 +2,12 @@
 
 Each operator works on the tensors' own memory: a CPU tensor is viewed as a
 NumPy array (``Tensor.numpy()`` shares the storage) and the result is written
-into a tensor from ``torch.empty_like`` (same memory format) through ``out=``.
-A ``channels_last`` tensor is viewed as its contiguous NHWC permutation and
-takes the channels-last kernels. float16 runs on the NumPy view too (statistics
-in float64); bfloat16, which NumPy lacks, is computed from a float32 copy and
-rounded back once.
+into a tensor from ``torch.empty_like`` through ``out=``, in the layout torch
+gives a batch norm's output (the input's suggested memory format: channels-last
+or contiguous). A ``channels_last`` tensor is viewed as its contiguous NHWC
+permutation and takes the channels-last kernels. float16 runs on the NumPy view
+too (statistics in float64); bfloat16, which NumPy lacks, is computed from a
+float32 copy and rounded back once.
 
 The training forward returns the batch's exact ``mean`` and ``M2`` (float64,
 from the kernels' per-channel ``(count, mean, M2)``) and ``inv_std``; the
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from batchnorm import functional as F
 from batchnorm.moments import Cache, Moments
@@ -53,11 +55,21 @@ def _param(t: Tensor | None) -> np.ndarray | None:
     return None if t is None else _np(t, None)
 
 
+def _like(x: Tensor) -> Tensor:
+    """An empty tensor shaped like ``x`` in torch's layout for a batch norm's
+    output and ``dx``: ``x``'s suggested memory format (channels-last for a 4-D
+    or 5-D ``x`` with channels-last strides, else contiguous), as ATen's
+    ``empty_like(x, x.suggest_memory_format())``. Not ``x``'s own strides: a
+    permuted or sliced ``x`` gives a contiguous result, as torch's, which
+    ``view`` accepts."""
+    return torch.empty_like(x, memory_format=suggest_memory_format(x))
+
+
 def _output(x: Tensor) -> tuple[Tensor, Tensor]:
-    """The tensor to return (``x``'s dtype and layout) and the one to write."""
-    y = torch.empty_like(x)
+    """The tensor to return (``x``'s dtype, torch's layout) and the one to write."""
+    y = _like(x)
     if x.dtype == torch.bfloat16:
-        return y, torch.empty_like(x, dtype=torch.float32)
+        return y, torch.empty_like(y, dtype=torch.float32)
     return y, y
 
 
@@ -95,7 +107,7 @@ def forward_train(
 def _(x, weight, bias, eps):
     channels = x.shape[1]
     stats = [x.new_empty(channels, dtype=torch.float64) for _ in range(3)]
-    return (torch.empty_like(x), *stats)
+    return (_like(x), *stats)
 
 
 @torch.library.custom_op("batchnorm::backward_train", mutates_args=())
@@ -129,7 +141,7 @@ def backward_train(
 def _(dy, x, weight, mean, m2, inv_std, eps):
     channels = x.shape[1]
     return (
-        torch.empty_like(x),
+        _like(x),
         x.new_empty(channels, dtype=torch.float64),
         x.new_empty(channels, dtype=torch.float64),
     )
@@ -214,7 +226,7 @@ def forward_eval(
 
 @forward_eval.register_fake
 def _(x, weight, bias, running_mean, running_var, eps):
-    return torch.empty_like(x)
+    return _like(x)
 
 
 @torch.library.custom_op("batchnorm::backward_eval", mutates_args=())
@@ -249,7 +261,7 @@ def backward_eval(
 def _(dy, x, weight, running_mean, running_var, eps):
     channels = x.shape[1]
     return (
-        torch.empty_like(x),
+        _like(x),
         x.new_empty(channels, dtype=torch.float64),
         x.new_empty(channels, dtype=torch.float64),
     )
