@@ -473,6 +473,18 @@ def test_one_value_per_channel_in_training(kind, shape, kwargs):
     assert message.startswith("Expected more than 1 value per channel when training")
 
 
+def test_one_value_per_channel_in_eval_without_running_stats():
+    """torch normalizes with the batch's statistics then, and checks the same."""
+    kind, message = assert_raises_as_torch(
+        "BatchNorm2d",
+        values((1, C, 1, 1), 0),
+        training=False,
+        track_running_stats=False,
+    )
+    assert kind is ValueError
+    assert message.startswith("Expected more than 1 value per channel when training")
+
+
 def test_one_value_per_channel_in_eval_with_running_stats_is_fine():
     ours, theirs = make_pair("BatchNorm2d")
     ours.eval()
@@ -494,6 +506,35 @@ def test_one_value_per_channel_in_eval_with_running_stats_is_fine():
 def test_wrong_rank(kind, shape, expected, training):
     got = assert_raises_as_torch(kind, values(shape, 0), training)
     assert got == (ValueError, expected)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_wrong_channel_count(mode, training):
+    """torch's RuntimeError ("running_mean should contain 4 elements not 3", or
+    "weight ..." without running statistics); the state left is torch's (both
+    count the failed training call in ``num_batches_tracked``, nothing else)."""
+    if mode == "bias_false" and not HAS_BIAS_FLAG:
+        pytest.skip("this torch's BatchNorm has no bias= argument")
+    x = values((4, C + 1, 2, 2), 0)
+    kind, message = assert_raises_as_torch("BatchNorm2d", x, training, **MODES[mode])
+    assert kind is RuntimeError
+    assert message.endswith(f"should contain {C + 1} elements not {C}")
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eps_checks_as_torch(eps, training):
+    """torch: ε > 0 when normalizing with batch statistics, ε ≥ 0 with running
+    ones (ε = 0 is allowed in eval)."""
+    x = values((4, C, 2, 2), 0)
+    ours, theirs = make_pair("BatchNorm2d", eps=eps)
+    ours.train(training)
+    theirs.train(training)
+    if eps == 0.0 and not training:
+        assert_close(ours(x), theirs(x), 1e-12, "y")
+        return
+    assert_raises_as_torch("BatchNorm2d", x, training, eps=eps)
 
 
 # -- exactness --------------------------------------------------------------------

@@ -40,6 +40,34 @@ def _verify_batch_size(x: Tensor) -> None:
         )
 
 
+def _check_arguments(module: Any, x: Tensor, use_batch: bool) -> None:
+    """torch's checks, in its order, with its exceptions and messages:
+    ``F.batch_norm``'s (more than one value per channel and ε > 0 when
+    normalizing with the batch's statistics, which torch calls training even in
+    eval without running statistics; ε ≥ 0 otherwise), then ATen's per-channel
+    sizes (``RuntimeError``, skipped for an empty batch as ATen does)."""
+    if use_batch:
+        _verify_batch_size(x)
+        if module.eps <= 0:
+            raise ValueError(
+                f"batch_norm eps must be positive during training, but got {module.eps}"
+            )
+    elif module.eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {module.eps}")
+    if x.numel() == 0:
+        return
+    channels = x.shape[1]
+    stats = not module.training or module.track_running_stats  # as torch passes
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        value = getattr(module, name)
+        if value is None or (name.startswith("running") and not stats):
+            continue
+        if value.numel() != channels:
+            raise RuntimeError(
+                f"{name} should contain {channels} elements not {value.numel()}"
+            )
+
+
 def forward(module: Any, x: Tensor) -> Tensor:
     """torch's ``_BatchNorm.forward`` with our operators (CPU), for ``module``."""
     module._check_input_dim(x)
@@ -54,7 +82,19 @@ def forward(module: Any, x: Tensor) -> Tensor:
     use_batch = module.training or (
         module.running_mean is None and module.running_var is None
     )
+    _check_arguments(module, x, use_batch)
     if not use_batch:
+        if module.eps == 0:  # torch allows ε = 0 with running statistics; we don't
+            return torch.nn.functional.batch_norm(
+                x,
+                module.running_mean,
+                module.running_var,
+                module.weight,
+                module.bias,
+                False,
+                0.0,
+                module.eps,
+            )
         return torch.ops.batchnorm.forward_eval(
             x,
             module.weight,
@@ -62,12 +102,6 @@ def forward(module: Any, x: Tensor) -> Tensor:
             module.running_mean,
             module.running_var,
             module.eps,
-        )
-    if module.training:
-        _verify_batch_size(x)
-    if module.eps <= 0:
-        raise ValueError(
-            f"batch_norm eps must be positive during training, but got {module.eps}"
         )
     y, mean, m2, _ = torch.ops.batchnorm.forward_train(
         x, module.weight, module.bias, module.eps
