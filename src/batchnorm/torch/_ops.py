@@ -27,10 +27,18 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
+from batchnorm import _memory
 from batchnorm import functional as F
 from batchnorm.moments import Cache, Moments
 
-__all__ = ["backward_eval", "backward_train", "forward_eval", "forward_train"]
+__all__ = [
+    "backward_eval",
+    "backward_train",
+    "evaluate",
+    "forward_eval",
+    "forward_train",
+    "train",
+]
 
 
 def _order(x: Tensor) -> tuple[int, ...] | None:
@@ -55,21 +63,56 @@ def _param(t: Tensor | None) -> np.ndarray | None:
     return None if t is None else _np(t, None)
 
 
-def _like(x: Tensor) -> Tensor:
+def _like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """An empty tensor shaped like ``x`` in torch's layout for a batch norm's
     output and ``dx``: ``x``'s suggested memory format (channels-last for a 4-D
     or 5-D ``x`` with channels-last strides, else contiguous), as ATen's
     ``empty_like(x, x.suggest_memory_format())``. Not ``x``'s own strides: a
     permuted or sliced ``x`` gives a contiguous result, as torch's, which
-    ``view`` accepts."""
-    return torch.empty_like(x, memory_format=suggest_memory_format(x))
+    ``view`` accepts.
+
+    In eager mode a large one (1 MiB or more) comes from our output block cache
+    (:mod:`batchnorm._memory`): torch's CPU allocator returns large blocks to
+    the system, and mapping fresh pages for every 51 MB output costs as much as
+    a pass over it. The tensor owns a NumPy block that goes back to the cache
+    when the tensor is freed (``Tensor.resize_`` refuses such storage)."""
+    dtype = dtype or x.dtype
+    fmt = _suggested_format(x)
+    size = x.numel() * torch.empty((), dtype=dtype).element_size()
+    if size < _memory.MIN_BYTES or dtype not in _NUMPY or _compiling():
+        return torch.empty_like(x, dtype=dtype, memory_format=fmt)
+    shape = tuple(x.shape)
+    if fmt in (torch.channels_last, torch.channels_last_3d):
+        order = (0, *range(2, x.dim()), 1)
+        block = _memory.empty(tuple(shape[i] for i in order), _NUMPY[dtype])
+        back = (0, x.dim() - 1, *range(1, x.dim() - 1))
+        return torch.from_numpy(block).permute(back)
+    return torch.from_numpy(_memory.empty(shape, _NUMPY[dtype]))
+
+
+def _suggested_format(x: Tensor) -> torch.memory_format:
+    """``suggest_memory_format``'s answer, from the cheap checks first."""
+    if x.dim() < 4 or x.is_contiguous():
+        return torch.contiguous_format
+    return suggest_memory_format(x)
+
+
+_NUMPY = {
+    torch.float16: np.float16,
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+}
+
+
+def _compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
 
 
 def _output(x: Tensor) -> tuple[Tensor, Tensor]:
     """The tensor to return (``x``'s dtype, torch's layout) and the one to write."""
     y = _like(x)
     if x.dtype == torch.bfloat16:
-        return y, torch.empty_like(y, dtype=torch.float32)
+        return y, _like(x, torch.float32)
     return y, y
 
 
@@ -86,6 +129,12 @@ def forward_train(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, M2, inv_std)``: ``x`` normalized with its batch statistics
     (biased variance ``M2 / m``, ε inside the root, as torch)."""
+    return _train(x, weight, bias, eps)
+
+
+def _train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     y, target = _output(x)
     order = _order(x)
     axis = x.dim() - 1 if order else 1
@@ -122,6 +171,18 @@ def backward_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)`` of :func:`forward_train` (float64 parameter
     gradients are cast to the parameters' dtype by the caller)."""
+    return _train_grad(dy, x, weight, mean, m2, inv_std, eps)
+
+
+def _train_grad(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    m2: Tensor,
+    inv_std: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     dx, target = _output(x)
     order = _order(x)
     axis = x.dim() - 1 if order else 1
@@ -176,12 +237,15 @@ def _setup_train(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.mark_non_differentiable(mean, m2, inv_std)
 
 
-def _backward_train(ctx: Any, dy: Tensor, *_: Any) -> tuple[Any, ...]:
+def _backward_train(
+    ctx: Any, dy: Tensor, *_: Any, kernel: Any = None
+) -> tuple[Any, ...]:
     x, weight, mean, m2, inv_std = ctx.saved_tensors
     if torch.is_grad_enabled():  # the backward will be differentiated again
         dx, dweight, dbias = _composite_train(dy, x, weight, ctx.eps)
     else:
-        dx, dweight, dbias = backward_train(dy, x, weight, mean, m2, inv_std, ctx.eps)
+        kernel = kernel or backward_train
+        dx, dweight, dbias = kernel(dy, x, weight, mean, m2, inv_std, ctx.eps)
     dtype = weight.dtype if weight is not None else x.dtype
     return (
         dx,
@@ -207,6 +271,17 @@ def forward_eval(
     eps: float,
 ) -> Tensor:
     """``x`` normalized with the running statistics."""
+    return _eval(x, weight, bias, running_mean, running_var, eps)
+
+
+def _eval(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> Tensor:
     y, target = _output(x)
     order = _order(x)
     F.forward_eval(
@@ -239,6 +314,17 @@ def backward_eval(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)`` of :func:`forward_eval` (statistics constant)."""
+    return _eval_grad(dy, x, weight, running_mean, running_var, eps)
+
+
+def _eval_grad(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     dx, target = _output(x)
     order = _order(x)
     _, dgamma, dbeta = F.backward_eval(
@@ -289,13 +375,13 @@ def _setup_eval(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.eps = eps
 
 
-def _backward_eval(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
+def _backward_eval(ctx: Any, dy: Tensor, kernel: Any = None) -> tuple[Any, ...]:
     x, weight, running_mean, running_var = ctx.saved_tensors
     args = (dy, x, weight, running_mean, running_var, ctx.eps)
     if torch.is_grad_enabled():
         dx, dweight, dbias = _composite_eval(*args)
     else:
-        dx, dweight, dbias = backward_eval(*args)
+        dx, dweight, dbias = (kernel or backward_eval)(*args)
     dtype = weight.dtype if weight is not None else x.dtype
     return (
         dx,
@@ -308,3 +394,72 @@ def _backward_eval(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
 
 
 forward_eval.register_autograd(_backward_eval, setup_context=_setup_eval)
+
+
+# -- eager mode -------------------------------------------------------------------
+#
+# The registered operators are what torch.compile and torch.export see. Called
+# eagerly, torch.library's dispatch, dynamo guards and autograd wrappers cost
+# about 0.3 ms a call, which rules a small layer; eager calls therefore go
+# through these autograd Functions, which run the same kernels and the same
+# backward (composite when differentiated twice).
+
+
+class _Train(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        output = _train(x, weight, bias, eps)
+        _setup_train(ctx, (x, weight, bias, eps), output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, *_: Any) -> tuple[Any, ...]:
+        return _backward_train(ctx, dy, kernel=_train_grad)
+
+
+class _Eval(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+    ) -> Tensor:
+        inputs = (x, weight, bias, running_mean, running_var, eps)
+        _setup_eval(ctx, inputs, None)
+        return _eval(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
+        return _backward_eval(ctx, dy, kernel=_eval_grad)
+
+
+def train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`forward_train` with autograd: the operator when compiling, else
+    the eager path (same kernels, less dispatch)."""
+    if _compiling():
+        return torch.ops.batchnorm.forward_train(x, weight, bias, eps)
+    return _Train.apply(x, weight, bias, eps)
+
+
+def evaluate(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> Tensor:
+    """:func:`forward_eval` with autograd (see :func:`train`)."""
+    if _compiling():
+        return torch.ops.batchnorm.forward_eval(
+            x, weight, bias, running_mean, running_var, eps
+        )
+    return _Eval.apply(x, weight, bias, running_mean, running_var, eps)
