@@ -31,6 +31,7 @@ come from cancellation):
 
 from __future__ import annotations
 
+import gc
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -611,3 +612,35 @@ def test_registered_operators_have_first_and_second_derivatives(affine):
 
     eager = _ops.train(x, weight, bias, 1e-5)[0]
     assert torch.equal(eager, train(*inputs))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_outputs_from_the_block_cache_behave_as_torch_tensors(channels_last):
+    # Outputs of 1 MiB or more come from our block cache (batchnorm._memory):
+    # they must be ordinary tensors to autograd (an in-place ReLU after the layer,
+    # as torchvision's ResNets do, is forbidden on a custom Function's views) and
+    # give their block back when freed.
+    from batchnorm import _memory
+
+    x = torch.randn(16, 64, 32, 32)  # 4 MiB in float32
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, theirs = BatchNorm2d(64), torch.nn.BatchNorm2d(64)
+    grads = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        y = torch.relu_(layer(xi))
+        y.backward(torch.ones_like(y))
+        grads.append((y.detach(), xi.grad))
+        assert y.is_contiguous(memory_format=_format(channels_last))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
+    _memory.release_buffers()
+    grads.clear()
+    del y, xi
+    gc.collect()
+    assert _memory.idle_bytes() >= x.numel() * 4  # y's and dx's blocks came back
+
+
+def _format(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format

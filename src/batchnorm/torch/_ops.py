@@ -84,9 +84,15 @@ def _like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     shape = tuple(x.shape)
     if fmt in (torch.channels_last, torch.channels_last_3d):
         order = (0, *range(2, x.dim()), 1)
-        block = _memory.empty(tuple(shape[i] for i in order), _NUMPY[dtype])
+        block = torch.from_numpy(
+            _memory.empty(tuple(shape[i] for i in order), _NUMPY[dtype])
+        )
         back = (0, x.dim() - 1, *range(1, x.dim() - 1))
-        return torch.from_numpy(block).permute(back)
+        stride = block.permute(back).stride()
+        # a tensor of its own on the block's storage, not a view (autograd
+        # forbids modifying a custom Function's view outputs in place)
+        out = torch.empty(0, dtype=dtype)
+        return out.set_(block.untyped_storage(), 0, shape, stride)
     return torch.from_numpy(_memory.empty(shape, _NUMPY[dtype]))
 
 
