@@ -61,3 +61,41 @@ def test_darknet_examples_run(tmp_path, monkeypatch, capsys):
     assert main(commands[1][1:]) == 0
     assert "folded the batch normalization of 11 unit(s)" in capsys.readouterr().out
     assert (tmp_path / "bn.png").exists() and (tmp_path / "folded.weights").exists()
+
+
+# torch.compile imports inductor, whose import of torch.utils.mkldnn warns; not ours
+@pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)
+def test_torch_examples_run(tmp_path, monkeypatch):
+    """The "From PyTorch" section: its inline example in-process, and its
+    training script under the torchrun command its first line gives."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    text = README.read_text(encoding="utf-8")
+    start = text.index("## From PyTorch")
+    section = text[start : text.index("\n## ", start + 1)]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    scripts = [b for b in blocks if b.startswith("# train_sync.py")]
+    inline = [b for b in blocks if b not in scripts]
+    assert len(scripts) == 1 and inline
+    exec(compile("\n".join(inline), "README:torch", "exec"), {})
+    script = scripts[0]
+    (tmp_path / "train_sync.py").write_text(script)
+    command = script.splitlines()[0].split("run with: ")[1].split()
+    assert command[0] == "torchrun"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *command[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(
+        line for line in done.stdout.splitlines() if line[:2] in ("0 ", "1 ")
+    )
+    assert [line[0] for line in lines] == ["0", "1"]
+    assert lines[0][2:] == lines[1][2:]  # the same running mean on both ranks
