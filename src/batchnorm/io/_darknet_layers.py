@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from batchnorm.io._darknet_cfg import decode
 from batchnorm.io._structure import FormatError
 from batchnorm.layer import BatchNorm
 
@@ -194,22 +195,6 @@ class Section:
     name: str  # as written, without brackets
     line: int
     options: list[tuple[str, str, int]] = field(default_factory=list)
-
-
-def decode(data: bytes, source: str) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FormatError(
-            f"{source}: not a text darknet .cfg: byte {data[exc.start]:#04x} at "
-            f"offset {exc.start} is not UTF-8."
-        ) from None
-    if "\0" in text:
-        raise FormatError(
-            f"{source}: not a text darknet .cfg: it holds a NUL byte at offset "
-            f"{text.index(chr(0))}."
-        )
-    return text
 
 
 def sections(text: str, source: str) -> list[Section]:
