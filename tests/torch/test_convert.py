@@ -259,3 +259,19 @@ def test_revert_of_a_bare_layer():
     theirs = revert(ours)
     assert type(theirs) is nn.BatchNorm3d
     assert theirs.weight is ours.weight
+
+
+def test_sync_conversion_takes_our_modules_too():
+    # convert(model) then convert(model, sync=True): our BatchNorm2d becomes our
+    # SyncBatchNorm as torch's would, sharing the same parameters and buffers
+    from batchnorm.torch import BatchNorm2d as Ours
+    from batchnorm.torch import SyncBatchNorm, convert
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3))
+    convert(model)
+    assert type(model[1]) is Ours
+    weight, mean = model[1].weight, model[1].running_mean
+    convert(model, sync=True)
+    assert type(model[1]) is SyncBatchNorm
+    assert model[1].weight is weight and model[1].running_mean is mean
+    assert SyncBatchNorm.convert_sync_batchnorm(model) is model

@@ -40,8 +40,11 @@ from batchnorm import kernels
 from batchnorm.moments import Moments
 from batchnorm.torch import modules
 from batchnorm.torch._ops import _np, _order, _output, _param
+from batchnorm.torch._swap import OURS, moved, walk
 
 __all__ = ["SyncBatchNorm"]
+
+_MINE = frozenset(OURS.values())
 
 _BACKWARD = -1.0
 _INVALID = -2.0
@@ -395,6 +398,11 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     ) -> torch.nn.Module:
         """Every batch norm of ``module`` as this class, sharing parameters and
         buffers (:func:`batchnorm.torch.convert` with ``sync=True``)."""
-        from batchnorm.torch.convert import convert
 
-        return convert(module, sync=True, process_group=process_group)
+        def swap(m: Any) -> Any:
+            kind = type(m)
+            if kind is torch.nn.SyncBatchNorm or kind in OURS or kind in _MINE:
+                return moved(m, cls, process_group=process_group)
+            return m
+
+        return walk(module, swap)
