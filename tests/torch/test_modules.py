@@ -644,3 +644,19 @@ def test_large_outputs_from_the_block_cache_behave_as_torch_tensors(channels_las
 
 def _format(channels_last):
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_with_another_channel_count_is_torchs_empty_output(training):
+    # torch checks per-channel sizes only for a non-empty batch: an empty one of
+    # any channel count gives an empty output (and num_batches_tracked counts it)
+    ours, theirs = (
+        BatchNorm2d(3).train(training),
+        torch.nn.BatchNorm2d(3).train(training),
+    )
+    for layer in (ours, theirs):
+        x = torch.zeros(0, 4, 5, 5, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)

@@ -72,7 +72,9 @@ def _check_arguments(module: Any, x: Tensor, use_batch: bool) -> None:
 def forward(module: Any, x: Tensor) -> Tensor:
     """torch's ``_BatchNorm.forward`` with our operators (CPU), for ``module``."""
     module._check_input_dim(x)
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or x.numel() == 0:
+        # other devices, and an empty batch (nothing to compute; torch's rules
+        # for it, wrong channel counts included, are then exactly torch's)
         return torch.nn.modules.batchnorm._BatchNorm.forward(module, x)
     factor = 0.0 if module.momentum is None else module.momentum
     if module.training and module.track_running_stats:
