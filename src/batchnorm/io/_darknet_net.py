@@ -35,6 +35,7 @@ from batchnorm.io._atomic import atomic_write, atomic_write_all, read_together
 from batchnorm.io._darknet_layers import (
     DIALECTS,
     Layer,
+    Section,
     Shape,
     decode,
     layers,
@@ -51,6 +52,7 @@ __all__ = [
     "parse",
     "read",
     "read_cfg",
+    "read_files",
     "synthetic",
     "write",
 ]
@@ -160,7 +162,16 @@ def _check_dialect(dialect: str) -> str:
 def parse(text: str, source: str, header: Header | None, dialect: str) -> Network:
     """The network a cfg ``text`` describes (no arrays); ``header`` decides
     whether connected weights are stored transposed."""
-    parsed = sections(text, source)
+    return _network(text, source, sections(text, source), header, dialect)
+
+
+def _network(
+    text: str,
+    source: str,
+    parsed: list[Section],
+    header: Header | None,
+    dialect: str,
+) -> Network:
     transpose = header.transpose if header else False
     first, found = layers(parsed, source, transpose, dialect)
     return Network(text, source, list(parsed[0].options), first, found, header, dialect)
@@ -173,17 +184,21 @@ def read_cfg(cfg_path: str | os.PathLike[str], *, dialect: str = "pjreddie") -> 
     tells how large its ``.weights`` must be.
     """
     _check_dialect(dialect)
-    data = _read_bytes(cfg_path)
+    data = read_files([cfg_path])[0]
     return parse(decode(data, str(cfg_path)), str(cfg_path), None, dialect)
 
 
-def _read_bytes(path: Any) -> bytes:
+def read_files(paths: list[Any]) -> list[bytes]:
+    """The bytes of files written together (a cfg and its weights), or
+    FormatError naming the file that cannot be read (FileNotFoundError as is)."""
     try:
-        return read_together([path])[0]
+        return read_together(paths)
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}.") from None
+        raise FormatError(
+            f"{exc.filename}: cannot read: {exc.strerror or exc}."
+        ) from None
 
 
 def _read_header(raw: bytes, path: Any, size: int) -> Header:
@@ -268,7 +283,7 @@ def read(
         many are left over.
     """
     _check_dialect(dialect)
-    cfg_raw = _read_bytes(cfg_path)
+    cfg_raw = read_files([cfg_path])[0]
     text = decode(cfg_raw, str(cfg_path))
     parsed = sections(text, str(cfg_path))
     try:
@@ -283,16 +298,7 @@ def read(
         size = os.fstat(file.fileno()).st_size
         head = file.read(20)
         header = _read_header(head, weights_path, size)
-        first, found = layers(parsed, str(cfg_path), header.transpose, dialect)
-        network = Network(
-            text,
-            str(cfg_path),
-            list(parsed[0].options),
-            first,
-            found,
-            header,
-            dialect,
-        )
+        network = _network(text, str(cfg_path), parsed, header, dialect)
         expected = network.weights_size()
         if size != expected:
             raise _size_error(network, weights_path, size)

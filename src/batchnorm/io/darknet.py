@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from batchnorm.io import _darknet_cfg as cfg
-from batchnorm.io._atomic import atomic_write, atomic_write_all, read_together
+from batchnorm.io._atomic import atomic_write, atomic_write_all
 from batchnorm.io._darknet_fold import (
     Folding,
     fold,
@@ -67,6 +67,7 @@ from batchnorm.io._darknet_net import (
     Network,
     read,
     read_cfg,
+    read_files,
     synthetic,
     write,
 )
@@ -226,19 +227,7 @@ def _fill(
 
 
 def _read_file(path: Any) -> bytes:
-    return _read_files([path])[0]
-
-
-def _read_files(paths: list[Any]) -> list[bytes]:
-    """The bytes of files written together (a cfg and its weights), or FormatError."""
-    try:
-        return read_together(paths)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise FormatError(
-            f"{exc.filename}: cannot read: {exc.strerror or exc}."
-        ) from None
+    return read_files([path])[0]
 
 
 def _file_floats(specs: list[tuple[dict[str, Any], int]]) -> int:
@@ -334,7 +323,7 @@ def load(
     if weights_path is None:
         raw, data = _read_file(cfg_path), None
     else:
-        raw, data = _read_files([cfg_path, weights_path])
+        raw, data = read_files([cfg_path, weights_path])
     text = cfg.decode(raw, str(cfg_path))
     sections = cfg.parse(text, str(cfg_path))
     specs, input_shape = cfg.layer_specs(sections, str(cfg_path))
