@@ -26,7 +26,7 @@ from torch import Tensor
 
 from batchnorm.torch import _ops
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "forward"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "forward", "update_running"]
 
 
 def _verify_batch_size(x: Tensor) -> None:
@@ -109,21 +109,22 @@ def forward(module: Any, x: Tensor) -> Tensor:
     y, mean, m2, _ = _ops.train(x, module.weight, module.bias, module.eps)
     update = module.training and module.track_running_stats
     if update and module.running_mean is not None and x.numel() > 0:
-        _update_running(module.running_mean, module.running_var, mean, m2, x, factor)
+        count = x.numel() // x.shape[1]
+        update_running(module.running_mean, module.running_var, mean, m2, count, factor)
     return y
 
 
-def _update_running(
+def update_running(
     running_mean: Tensor,
     running_var: Tensor,
     mean: Tensor,
     m2: Tensor,
-    x: Tensor,
+    count: int,
     factor: float,
 ) -> None:
-    """torch's update (``factor`` on the new value, unbiased variance), computed
-    in float64 and rounded once to the buffers' dtype."""
-    count = x.numel() // x.shape[1]
+    """torch's update (``factor`` on the new value, the unbiased variance
+    ``M2 / (count − 1)``) from float64 ``mean`` and ``M2`` of ``count`` values
+    per channel, computed in float64 and rounded once to the buffers' dtype."""
     if not _ops._compiling() and running_mean.dtype in (torch.float32, torch.float64):
         # eager: the same float64 arithmetic on NumPy views, a few µs instead of
         # ten small torch operations; copy_ keeps torch's version counters

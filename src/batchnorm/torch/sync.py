@@ -125,16 +125,6 @@ def _local_moments(x: np.ndarray, axis: int, channels: int) -> Moments:
     return Moments(*kernels.resolve(None).batch_moments(x, axis))
 
 
-def _update_running(
-    running_mean: Tensor, running_var: Tensor, total: Moments, factor: float
-) -> None:
-    """torch's update from the global statistics, float64, rounded once."""
-    mean = torch.from_numpy(total.mean)
-    unbiased = torch.from_numpy(total.m2 / (total.count - 1))
-    running_mean.copy_(running_mean.double() * (1.0 - factor) + mean * factor)
-    running_var.copy_(running_var.double() * (1.0 - factor) + unbiased * factor)
-
-
 def _dy_view(x: Tensor, order: tuple[int, ...] | None, t: Tensor) -> np.ndarray:
     """``t`` (``dy``) as a NumPy array laid out as ``x`` is (the kernels' fast
     path needs both contiguous in the same order)."""
@@ -191,7 +181,14 @@ class _SyncFunction(torch.autograd.Function):
             ctx.inv_std = None
             return y
         if running_mean is not None and running_var is not None:
-            _update_running(running_mean, running_var, total, factor)
+            modules.update_running(
+                running_mean,
+                running_var,
+                torch.from_numpy(total.mean),
+                torch.from_numpy(total.m2),
+                total.count,
+                factor,
+            )
         _, cache = F.forward_from_moments(
             xn,
             total,
