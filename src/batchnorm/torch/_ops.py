@@ -78,7 +78,7 @@ def _like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     when the tensor is freed (``Tensor.resize_`` refuses such storage)."""
     dtype = dtype or x.dtype
     fmt = _suggested_format(x)
-    size = x.numel() * torch.empty((), dtype=dtype).element_size()
+    size = x.numel() * dtype.itemsize
     if size < _memory.MIN_BYTES or dtype not in _NUMPY or _compiling():
         return torch.empty_like(x, dtype=dtype, memory_format=fmt)
     shape = tuple(x.shape)
