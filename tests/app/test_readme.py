@@ -71,6 +71,7 @@ def test_torch_examples_run(tmp_path, monkeypatch):
     """The "From PyTorch" section: its inline example in-process, and its
     training script under the torchrun command its first line gives."""
     pytest.importorskip("torch")
+    import os
     import subprocess
     import sys
 
@@ -92,6 +93,8 @@ def test_torch_examples_run(tmp_path, monkeypatch):
         capture_output=True,
         text=True,
         timeout=300,
+        # a rank that dies in native code leaves its Python stack in stderr
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     # the two ranks share stdout: their lines may interleave, not their fields
